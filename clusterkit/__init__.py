@@ -1,0 +1,57 @@
+"""clusterkit: the cluster layer of a distributed data system, for Trio applications.
+
+This module re-exports the public API and nothing else; everything else is private.
+The etcd client's value types live in :mod:`clusterkit.etcd`.
+"""
+
+from ._errors import (
+    AuthenticationFailed,
+    ClusterKitError,
+    ConfigError,
+    EmbeddedEtcdError,
+    EtcdAuthError,
+    EtcdError,
+    EtcdTimeout,
+    EtcdUnavailable,
+    InvalidAuthToken,
+    InvalidRequest,
+    LeaseNotFound,
+    NodeIdConflict,
+    PermissionDenied,
+    PreconditionFailed,
+    ResourceExhausted,
+    RevisionCompacted,
+)
+from ._etcd.channel import EtcdConfig
+from ._etcd.client import EtcdClient, open_etcd_client
+from ._etcd.embedded import EmbeddedEtcd, open_embedded_etcd
+
+__all__ = [
+    "AuthenticationFailed",
+    "ClusterKitError",
+    "ConfigError",
+    "EmbeddedEtcd",
+    "EmbeddedEtcdError",
+    "EtcdAuthError",
+    "EtcdClient",
+    "EtcdConfig",
+    "EtcdError",
+    "EtcdTimeout",
+    "EtcdUnavailable",
+    "InvalidAuthToken",
+    "InvalidRequest",
+    "LeaseNotFound",
+    "NodeIdConflict",
+    "PermissionDenied",
+    "PreconditionFailed",
+    "ResourceExhausted",
+    "RevisionCompacted",
+    "open_embedded_etcd",
+    "open_etcd_client",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("clusterkit."):
+        _obj.__module__ = "clusterkit"
+del _name, _obj

@@ -1,0 +1,119 @@
+"""The one exception tree of clusterkit.
+
+Everything clusterkit raises on purpose derives from :class:`ClusterKitError`, so an app can
+catch the whole library with one ``except``. The tree::
+
+    ClusterKitError
+    ├── ConfigError                 invalid configuration (also a ValueError)
+    ├── EmbeddedEtcdError           the embedded etcd could not be found or started
+    ├── NodeIdConflict              another live node already uses this node id
+    └── EtcdError                   a call to etcd failed
+        ├── EtcdUnavailable         no etcd endpoint answered (connection refused, no leader, ...)
+        ├── EtcdTimeout             the call's deadline passed
+        ├── RevisionCompacted       the requested revision was compacted away
+        ├── PreconditionFailed      etcd refused the request in the state it is in
+        ├── LeaseNotFound           the lease expired or was revoked
+        ├── InvalidRequest          etcd rejected the request as malformed or too large
+        ├── ResourceExhausted       etcd is rate limiting or out of space
+        └── EtcdAuthError           authentication / authorisation
+            ├── AuthenticationFailed    wrong user name or password
+            ├── InvalidAuthToken        the auth token expired or is unknown
+            └── PermissionDenied        the user may not touch that key range
+"""
+
+from __future__ import annotations
+
+
+class ClusterKitError(Exception):
+    """Root of every error clusterkit raises on purpose."""
+
+
+class ConfigError(ClusterKitError, ValueError):
+    """A configuration value is invalid.
+
+    Attributes:
+        field: the name of the offending field.
+        rule: what the field must satisfy.
+    """
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"invalid config: {field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class EmbeddedEtcdError(ClusterKitError):
+    """The embedded etcd server could not be found, started, or reached."""
+
+
+class NodeIdConflict(ClusterKitError):
+    """Another live node has already registered this node id."""
+
+
+class EtcdError(ClusterKitError):
+    """A call to etcd failed.
+
+    Attributes:
+        code: the gRPC status code name (e.g. ``"UNAVAILABLE"``), or ``None`` when the error
+            was raised by clusterkit itself.
+        details: etcd's error message.
+    """
+
+    def __init__(self, details: str, *, code: str | None = None) -> None:
+        super().__init__(f"{details} [{code}]" if code else details)
+        self.code = code
+        self.details = details
+
+
+class EtcdUnavailable(EtcdError):
+    """No etcd endpoint could serve the call (down, unreachable, no raft leader)."""
+
+
+class EtcdTimeout(EtcdError):
+    """The call did not complete before its deadline."""
+
+
+class RevisionCompacted(EtcdError):
+    """The requested revision has been compacted.
+
+    Attributes:
+        compact_revision: the oldest revision still available, when etcd reported it (a watch
+            does); ``0`` when unknown. Re-read the data at a current revision and resume from
+            there — resuming from ``compact_revision`` would skip events.
+    """
+
+    def __init__(self, details: str, *, compact_revision: int = 0, code: str | None = None):
+        super().__init__(details, code=code)
+        self.compact_revision = compact_revision
+
+
+class PreconditionFailed(EtcdError):
+    """etcd refused the request because of the state it is in (gRPC FAILED_PRECONDITION)."""
+
+
+class LeaseNotFound(EtcdError):
+    """The lease does not exist any more: it expired or was revoked."""
+
+
+class InvalidRequest(EtcdError):
+    """etcd rejected the request as malformed, out of range, or too large."""
+
+
+class ResourceExhausted(EtcdError):
+    """etcd is rate limiting requests or its storage quota is exhausted."""
+
+
+class EtcdAuthError(EtcdError):
+    """Authentication or authorisation against etcd failed."""
+
+
+class AuthenticationFailed(EtcdAuthError):
+    """The user name or password was rejected."""
+
+
+class InvalidAuthToken(EtcdAuthError):
+    """The auth token is expired or unknown (the client re-authenticates once by itself)."""
+
+
+class PermissionDenied(EtcdAuthError):
+    """The authenticated user may not perform this operation on this key range."""

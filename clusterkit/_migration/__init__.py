@@ -1,0 +1,1 @@
+"""Partition migration: the schema in ``protos/migration`` and the service built on it."""
