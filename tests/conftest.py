@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -38,10 +39,8 @@ def _candidate_binaries() -> dict[str, str]:
     env = os.environ.get("CLUSTERKIT_TEST_ETCD")
     names = [b for b in env.split(",") if b] if env else []
     if not names:
-        try:
+        with contextlib.suppress(clusterkit.EmbeddedEtcdError):
             names.append(find_etcd_binary())
-        except clusterkit.EmbeddedEtcdError:
-            pass
         names += [b for b in ("/usr/bin/etcd", distro_etcd_binary()) if b and os.path.exists(b)]
     found: dict[str, str] = {}
     for name in names:
@@ -99,7 +98,9 @@ class ServerThread:
         self._thread.join(timeout=30)
 
 
-@pytest.fixture(scope="session", params=list(ETCD_BINARIES) or ["missing"], ids=lambda v: f"etcd{v}")
+@pytest.fixture(
+    scope="session", params=list(ETCD_BINARIES) or ["missing"], ids=lambda v: f"etcd{v}"
+)
 def etcd(request: pytest.FixtureRequest) -> Iterator[clusterkit.EmbeddedEtcd]:
     """A shared single-member etcd server of one version (all versions in turn)."""
     if request.param == "missing":

@@ -25,6 +25,7 @@ blocking it — for the reader thread to say it has finished before joining it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -72,10 +73,8 @@ async def call_unary(
             trio.lowlevel.reschedule(task)
 
     def on_done(_: Any) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(wake)
-        except trio.RunFinishedError:
-            pass
 
     def abort(_: Any) -> trio.lowlevel.Abort:
         nonlocal waiting
@@ -154,23 +153,21 @@ class BidiStream:
                 self._post(self._deliver, response)
         except grpc.RpcError as exc:
             error = exc
-        except BaseException as exc:  # noqa: BLE001 - handed to Trio, never lost
+        except BaseException as exc:
             error = exc
         finally:
             self._post(self._end, error)
 
     def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(fn, arg)
-        except trio.RunFinishedError:
-            pass
 
     def _deliver(self, response: Any) -> None:
         if self._closing or self._error_reported:
             return
         try:
             self._on_response(response)
-        except BaseException as exc:  # noqa: BLE001 - must not escape run_sync_soon
+        except BaseException as exc:
             self._report(exc)
             self._requests.put(_STOP)
             self._call.cancel()
@@ -187,10 +184,8 @@ class BidiStream:
         if self._error_reported:
             return
         self._error_reported = True
-        try:
+        with contextlib.suppress(BaseException):
             self._on_error(error)
-        except BaseException:  # noqa: BLE001, S110 - must not escape run_sync_soon
-            pass
 
     async def aclose(self) -> None:
         """Cancel the call and wait until the reader thread has exited."""

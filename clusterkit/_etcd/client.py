@@ -22,6 +22,7 @@ from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
 from .bridge import call_unary
 from .channel import Endpoint, Endpoints, EtcdConfig
 from .lease import LeaseKeepAliveHub
+from .pb.authpb import auth_pb2
 from .pb.etcdserverpb import rpc_pb2
 from .status import translate
 from .types import (
@@ -210,7 +211,9 @@ class EtcdClient:
 
     # -- KV -----------------------------------------------------------------------------
 
-    async def get(self, key: Key, *, revision: int = 0, serializable: bool = False) -> KeyValue | None:
+    async def get(
+        self, key: Key, *, revision: int = 0, serializable: bool = False
+    ) -> KeyValue | None:
         """Read one key.
 
         Returns:
@@ -262,7 +265,9 @@ class EtcdClient:
         )
         return _range_result(await self._call("kv", "Range", request, retry=True))
 
-    async def get_prefix(self, prefix: Key, *, revision: int = 0, page_size: int = 1000) -> RangeResult:
+    async def get_prefix(
+        self, prefix: Key, *, revision: int = 0, page_size: int = 1000
+    ) -> RangeResult:
         """Read every key under ``prefix`` at ONE revision, in pages of ``page_size`` keys.
 
         The first page fixes the revision (the latest, unless ``revision`` is given); every
@@ -454,6 +459,39 @@ class EtcdClient:
             resp.raftTerm,
             tuple(resp.errors),
         )
+
+    # -- Auth administration -----------------------------------------------------------
+
+    async def user_add(self, name: str, password: str) -> None:
+        """Create an etcd user."""
+        await self._call(
+            "auth", "UserAdd", rpc_pb2.AuthUserAddRequest(name=name, password=password), retry=False
+        )
+
+    async def role_add(self, name: str) -> None:
+        """Create an etcd role."""
+        await self._call("auth", "RoleAdd", rpc_pb2.AuthRoleAddRequest(name=name), retry=False)
+
+    async def role_grant_prefix(
+        self, role: str, prefix: Key, permission: str = "readwrite"
+    ) -> None:
+        """Let ``role`` ``"read"``, ``"write"`` or ``"readwrite"`` every key under ``prefix``."""
+        kinds = {"read": 0, "write": 1, "readwrite": 2}
+        if permission not in kinds:
+            raise ValueError(f"permission must be one of {sorted(kinds)}")
+        key = to_bytes(prefix)
+        perm = auth_pb2.Permission(permType=kinds[permission], key=key, range_end=prefix_end(key))
+        request = rpc_pb2.AuthRoleGrantPermissionRequest(name=role, perm=perm)
+        await self._call("auth", "RoleGrantPermission", request, retry=False)
+
+    async def user_grant_role(self, user: str, role: str) -> None:
+        """Give ``user`` the permissions of ``role``."""
+        request = rpc_pb2.AuthUserGrantRoleRequest(user=user, role=role)
+        await self._call("auth", "UserGrantRole", request, retry=False)
+
+    async def auth_enable(self) -> None:
+        """Turn authentication on (a ``root`` user with the ``root`` role must exist)."""
+        await self._call("auth", "AuthEnable", rpc_pb2.AuthEnableRequest(), retry=False)
 
     # -- lifetime ------------------------------------------------------------------------
 

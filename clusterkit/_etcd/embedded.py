@@ -63,7 +63,9 @@ def find_etcd_binary(binary: str | os.PathLike[str] | None = None) -> str:
     if binary is not None:
         path = shutil.which(os.fspath(binary))
         if path is None:
-            raise EmbeddedEtcdError(f"etcd binary {os.fspath(binary)!r} not found or not executable")
+            raise EmbeddedEtcdError(
+                f"etcd binary {os.fspath(binary)!r} not found or not executable"
+            )
         return path
     env = os.environ.get(ENV_BINARY)
     if env:
@@ -125,7 +127,7 @@ class ServerTLS:
     client_key_file: str | None = None
 
     def server_args(self) -> tuple[str, ...]:
-        args = ("--cert-file", self.cert_file, "--key-file", self.key_file)
+        args: tuple[str, ...] = ("--cert-file", self.cert_file, "--key-file", self.key_file)
         args += ("--trusted-ca-file", self.ca_file)
         if self.client_cert_file:
             args += ("--client-cert-auth",)
@@ -154,6 +156,7 @@ class EtcdProcess:
     extra_args: tuple[str, ...] = ()
     tls: ServerTLS | None = None
     initial_cluster: str | None = None
+    cluster_token: str = "clusterkit"
     version: str = ""
     process: trio.Process | None = None
 
@@ -192,7 +195,7 @@ class EtcdProcess:
             "--initial-cluster-state",
             "new" if new_cluster else "existing",
             "--initial-cluster-token",
-            f"clusterkit-{self.client_port}",
+            self.cluster_token,
             "--logger",
             "zap",
             "--log-outputs",
@@ -207,10 +210,12 @@ class EtcdProcess:
             args = [setpriv, "--pdeathsig", "TERM", "--", *args]
         return args
 
-    async def start(self, *, timeout: float = 10.0, new_cluster: bool = True, wait: bool = True) -> None:
+    async def start(
+        self, *, timeout: float = 10.0, new_cluster: bool = True, wait: bool = True
+    ) -> None:
         """Spawn the process and (with ``wait``) wait until it answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps its own copy
+        log = open(self.log_path, "ab")  # noqa: ASYNC230, SIM115 - the child keeps its own fd
         try:
             self.process = await trio.lowlevel.open_process(
                 self.args(new_cluster=new_cluster),
@@ -225,21 +230,15 @@ class EtcdProcess:
 
     async def wait_ready(self, *, timeout: float = 10.0) -> None:
         """Poll the member until it serves requests, or fail with its log's tail."""
-        if self.tls:
-            creds = grpc.ssl_channel_credentials(
-                Path(self.tls.ca_file).read_bytes(),
-                Path(self.tls.client_key_file).read_bytes() if self.tls.client_key_file else None,
-                Path(self.tls.client_cert_file).read_bytes() if self.tls.client_cert_file else None,
-            )
-            channel = grpc.secure_channel(self.endpoint, creds, options=CHANNEL_OPTIONS)
-        else:
-            channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
+        channel = self._probe_channel()
         stub = rpc_pb2_grpc.MaintenanceStub(channel)
         try:
             with trio.move_on_after(timeout):
                 while True:
                     if self.process is None or self.process.returncode is not None:
-                        raise EmbeddedEtcdError(f"etcd {self.name} exited at startup:\n{self.log_tail()}")
+                        raise EmbeddedEtcdError(
+                            f"etcd {self.name} exited at startup:\n{self.log_tail()}"
+                        )
                     try:
                         resp = await call_unary(stub.Status, rpc_pb2.StatusRequest(), timeout=0.5)
                     except grpc.RpcError:
@@ -252,6 +251,16 @@ class EtcdProcess:
             )
         finally:
             channel.close()
+
+    def _probe_channel(self) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
+        creds = grpc.ssl_channel_credentials(
+            Path(self.tls.ca_file).read_bytes(),
+            Path(self.tls.client_key_file).read_bytes() if self.tls.client_key_file else None,
+            Path(self.tls.client_cert_file).read_bytes() if self.tls.client_cert_file else None,
+        )
+        return grpc.secure_channel(self.endpoint, creds, options=CHANNEL_OPTIONS)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -381,6 +390,7 @@ async def open_embedded_etcd(
             initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
             for m in members:
                 m.initial_cluster = initial
+                m.cluster_token = f"clusterkit-{members[0].client_port}"
             try:
                 for m in members:  # all processes boot in parallel ...
                     await m.start(timeout=startup_timeout, wait=False)

@@ -55,6 +55,7 @@ BY_MESSAGE: tuple[tuple[str, type[EtcdError]], ...] = (
     ("database space exceeded", ResourceExhausted),
 )
 
+
 def translate(exc: grpc.RpcError) -> EtcdError:
     """Map a ``grpc.RpcError`` raised by a call to etcd to a clusterkit error."""
     code = exc.code() if isinstance(exc, grpc.Call) else None

@@ -43,7 +43,10 @@ from .types import Event, EventType, KeyValue, WatchBatch
 if TYPE_CHECKING:
     from .client import EtcdClient
 
-_FILTERS = {"noput": rpc_pb2.WatchCreateRequest.NOPUT, "nodelete": rpc_pb2.WatchCreateRequest.NODELETE}
+_FILTERS = {
+    "noput": rpc_pb2.WatchCreateRequest.NOPUT,
+    "nodelete": rpc_pb2.WatchCreateRequest.NODELETE,
+}
 
 
 def _batch(resp: Any) -> WatchBatch:
@@ -156,10 +159,15 @@ class WatchHub:
         self._stream: BidiStream | None = None
         self._watches: dict[int, Watch] = {}
         self._ids = itertools.count(1)
+        # Ids of watches etcd has not confirmed yet, oldest first. etcd answers creates in
+        # order, and refuses some (permission denied) with watch_id -1 instead of our id.
+        self._unconfirmed: deque[int] = deque()
         self.timeout = client.config.request_timeout
 
     def __repr__(self) -> str:
-        return f"<WatchHub watches={len(self._watches)} stream={'open' if self._stream else 'none'}>"
+        return (
+            f"<WatchHub watches={len(self._watches)} stream={'open' if self._stream else 'none'}>"
+        )
 
     def statistics(self) -> dict[str, int]:
         return {"watches": len(self._watches), "stream_open": int(self._stream is not None)}
@@ -194,7 +202,9 @@ class WatchHub:
         request = rpc_pb2.WatchRequest(create_request=create)
         watch = Watch(self, watch_id, request)
         self._watches[watch_id] = watch
-        self._ensure_stream().send(request)
+        stream = self._ensure_stream()
+        self._unconfirmed.append(watch_id)
+        stream.send(request)
         return watch
 
     def cancel(self, watch: Watch) -> None:
@@ -223,17 +233,26 @@ class WatchHub:
         return self._stream
 
     def _on_response(self, resp: Any) -> None:
-        watch = self._watches.get(resp.watch_id)
+        watch_id = resp.watch_id
+        if resp.created and self._unconfirmed:
+            oldest = self._unconfirmed.popleft()
+            if watch_id != oldest:
+                if watch_id in self._unconfirmed:  # pragma: no cover - etcd answers in order
+                    self._unconfirmed.remove(watch_id)
+                    self._unconfirmed.appendleft(oldest)
+                else:
+                    watch_id = oldest  # a refusal carries watch_id -1
+        watch = self._watches.get(watch_id)
         if watch is None:
             self.release(1)
             return
         if resp.created:
             watch._mark_created()
         if resp.canceled:
-            self._watches.pop(resp.watch_id, None)
+            self._watches.pop(watch_id, None)
             if resp.compact_revision:
                 err: EtcdError = RevisionCompacted(
-                    f"watch start revision was compacted (compact revision {resp.compact_revision})",
+                    f"watch start revision compacted (compact revision {resp.compact_revision})",
                     compact_revision=resp.compact_revision,
                 )
             else:
@@ -246,7 +265,9 @@ class WatchHub:
             return
         watch._push(_batch(resp), 1)
 
-    def _stream_failed(self, stream: BidiStream, endpoint: Any, error: BaseException | None) -> None:
+    def _stream_failed(
+        self, stream: BidiStream, endpoint: Any, error: BaseException | None
+    ) -> None:
         if self._stream is stream:
             self._stream = None
         if error is None:
@@ -258,6 +279,7 @@ class WatchHub:
         if isinstance(err, EtcdUnavailable):
             self._client.endpoints.failed(endpoint)
         watches, self._watches = self._watches, {}
+        self._unconfirmed.clear()
         for watch in watches.values():
             watch._fail(err)
 
@@ -276,4 +298,3 @@ def _cancel_error(reason: str) -> EtcdError:
         if fragment in lowered:
             return cls(reason)
     return EtcdError(reason or "watch cancelled by etcd")
-

@@ -27,7 +27,9 @@ async def test_range_prefix_limit_and_pages(client: EtcdClient, prefix: str) -> 
         await client.put(f"{prefix}k{i:03d}", str(i))
     await client.put(prefix[:-1] + "0/outside", "x")  # next key after the prefix range
     full = await client.range(prefix, prefix=True)
-    assert full.count == 25 and [kv.value for kv in full.kvs] == [str(i).encode() for i in range(25)]
+    assert full.count == 25 and [kv.value for kv in full.kvs] == [
+        str(i).encode() for i in range(25)
+    ]
     limited = await client.range(prefix, prefix=True, limit=10)
     assert len(limited.kvs) == 10 and limited.more and limited.count == 25
     paged = await client.get_prefix(prefix, page_size=7)
@@ -54,7 +56,9 @@ async def test_txn_compare_and_swap(client: EtcdClient, prefix: str) -> None:
     got = second.responses[0]
     assert isinstance(got, RangeResult) and got.kvs[0].value == b"v1"
     mod = got.kvs[0].mod_revision
-    swap = await client.txn([Compare.mod_revision(key, "=", mod)], [Op.put(key, "v3", prev_kv=True)])
+    swap = await client.txn(
+        [Compare.mod_revision(key, "=", mod)], [Op.put(key, "v3", prev_kv=True)]
+    )
     assert swap.succeeded
     put = swap.responses[0]
     assert isinstance(put, PutResult) and put.prev_kv is not None and put.prev_kv.value == b"v1"

@@ -1,0 +1,157 @@
+"""Failures of the etcd server as the client sees them: kills, pauses, cancellation, leaks.
+
+Every test here starts its own etcd (never the shared one) and uses the parametrized
+server version's binary.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+import trio
+
+import clusterkit
+from clusterkit._etcd.bridge import call_unary
+from clusterkit._etcd.pb.etcdserverpb import rpc_pb2
+from clusterkit.etcd import EtcdProcess
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is reaped by its parent.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def _wait_for_threads(expected: set[str], timeout: float = 10.0) -> set[str]:
+    with trio.move_on_after(timeout):
+        while {t.name for t in threading.enumerate()} - expected:
+            await trio.sleep(0.02)
+    return {t.name for t in threading.enumerate()} - expected
+
+
+async def test_etcd_killed_mid_watch_raises_unavailable(etcd_binary: str) -> None:
+    async with clusterkit.open_embedded_etcd(binary=etcd_binary) as server:
+        async with clusterkit.open_etcd_client(server.endpoints) as client:
+            async with client.watch("/k", prefix=True) as watch:
+                await client.put("/k/1", "v")
+                with trio.fail_after(5):
+                    assert (await watch.__anext__()).events[0].kv.value == b"v"
+                await server.member.kill()
+                with trio.fail_after(10), pytest.raises(clusterkit.EtcdUnavailable):
+                    await watch.__anext__()
+            with pytest.raises(clusterkit.EtcdUnavailable):
+                await client.get("/k/1")
+
+
+async def test_paused_etcd_fails_the_stream_within_seconds(etcd_binary: str) -> None:
+    async with clusterkit.open_embedded_etcd(binary=etcd_binary) as server:
+        async with clusterkit.open_etcd_client(server.endpoints) as client:
+            async with client.watch("/p", prefix=True) as watch:
+                server.member.pause()
+                try:
+                    start = trio.current_time()
+                    with trio.fail_after(12), pytest.raises(clusterkit.EtcdUnavailable):
+                        await watch.__anext__()
+                    # keepalive ping every 5 s + 2 s ping timeout: about 7 s, not TCP's ~65 s.
+                    assert trio.current_time() - start < 12
+                finally:
+                    server.member.resume()
+
+
+class _Spy:
+    """Wraps a unary multicallable to keep the gRPC future the bridge starts."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self.futures: list[Any] = []
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        f = self.method.future(*args, **kwargs)
+        self.futures.append(f)
+        return f
+
+
+async def test_cancelling_a_task_mid_call_cancels_the_rpc(etcd_binary: str) -> None:
+    async with clusterkit.open_embedded_etcd(binary=etcd_binary) as server:
+        async with clusterkit.open_etcd_client(server.endpoints) as client:
+            spy = _Spy(client.endpoints.current.kv.Range)
+            server.member.pause()  # the call cannot complete
+            try:
+                start = trio.current_time()
+                with trio.move_on_after(0.2) as scope:
+                    await call_unary(spy, rpc_pb2.RangeRequest(key=b"k"), timeout=30)
+                assert scope.cancelled_caught
+                assert trio.current_time() - start < 1.0  # not the 30 s deadline
+                (future,) = spy.futures
+                assert future.cancelled()
+            finally:
+                server.member.resume()
+            assert (await client.get("k")) is None  # the client still works
+
+
+async def test_no_thread_leaks_after_close(etcd: clusterkit.EmbeddedEtcd, prefix: str) -> None:
+    before = {t.name for t in threading.enumerate()}
+    async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+        async with client.watch(prefix, prefix=True):
+            leases = [await client.lease_grant(30) for _ in range(3)]
+            for lease in leases:
+                await client.lease_keepalive(lease.id)
+            one_watch = threading.active_count()
+            async with trio.open_nursery() as nursery:
+                watches = [client.watch(f"{prefix}{i}") for i in range(50)]
+                for w in watches:
+                    await w.__aenter__()
+                leases += [await client.lease_grant(30) for _ in range(17)]
+                for lease in leases:
+                    nursery.start_soon(client.lease_keepalive, lease.id)
+            many_watches = threading.active_count()
+            for w in watches:
+                await w.aclose()
+            for lease in leases:
+                await client.lease_revoke(lease.id)
+    assert many_watches == one_watch
+    assert await _wait_for_threads(before) == set()
+
+
+async def test_embedded_etcd_leaves_no_process_and_no_directory(etcd_binary: str) -> None:
+    async with clusterkit.open_embedded_etcd(binary=etcd_binary) as server:
+        pid = server.member.pid
+        workdir = server.member.log_path.parent
+        assert pid is not None and _alive(pid) and workdir.exists()
+    assert not _alive(pid)
+    assert not workdir.exists()
+
+
+async def test_embedded_etcd_startup_failure_leaves_nothing(etcd_binary: str) -> None:
+    before = set(os.listdir("/tmp"))
+    with pytest.raises(clusterkit.EmbeddedEtcdError, match="exited at startup"):
+        async with clusterkit.open_embedded_etcd(
+            binary=etcd_binary, extra_args=["--no-such-flag"], startup_timeout=5
+        ):
+            pass  # pragma: no cover
+    leftovers = {d for d in set(os.listdir("/tmp")) - before if d.startswith("clusterkit-etcd-")}
+    assert leftovers == set()
+
+
+async def test_embedded_etcd_cancelled_during_startup_leaves_no_process(
+    etcd_binary: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids: list[int] = []
+
+    async def never_ready(self: EtcdProcess, *, timeout: float = 10.0) -> None:
+        assert self.pid is not None
+        pids.append(self.pid)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(EtcdProcess, "wait_ready", never_ready)
+    with trio.move_on_after(0.5):
+        async with clusterkit.open_embedded_etcd(binary=etcd_binary):
+            pass  # pragma: no cover
+    assert pids and not _alive(pids[0])
