@@ -122,3 +122,15 @@ async def test_leaving_a_watch_cancels_it_and_others_keep_going(
         with trio.fail_after(10):
             batch = await keep.__anext__()
         assert batch.events[0].kv.value == b"seen"
+
+
+async def test_progress_notifications_carry_the_revision(etcd_binary: str) -> None:
+    flags = ["--experimental-watch-progress-notify-interval", "200ms"]
+    async with clusterkit.open_embedded_etcd(binary=etcd_binary, extra_args=flags) as server:
+        async with clusterkit.open_etcd_client(server.endpoints) as client:
+            put = await client.put("/other/key", "v")
+            async with client.watch("/quiet/", prefix=True, progress_notify=True) as watch:
+                with trio.fail_after(10):
+                    batch = await watch.__anext__()
+    assert batch.progress and batch.events == ()
+    assert batch.revision >= put.revision
