@@ -4,9 +4,14 @@ This module re-exports the public API and nothing else; everything else is priva
 The etcd client's value types live in :mod:`clusterkit.etcd`.
 """
 
+from ._cluster import ClusterKit, open_cluster
+from ._config import Config
+from ._core.records import Node
+from ._core.view import ClusterView
 from ._errors import (
     AuthenticationFailed,
     ClusterKitError,
+    ClusterMismatch,
     ConfigError,
     EmbeddedEtcdError,
     EtcdAuthError,
@@ -28,7 +33,11 @@ from ._etcd.embedded import EmbeddedEtcd, open_embedded_etcd
 
 __all__ = [
     "AuthenticationFailed",
+    "ClusterKit",
     "ClusterKitError",
+    "ClusterMismatch",
+    "ClusterView",
+    "Config",
     "ConfigError",
     "EmbeddedEtcd",
     "EmbeddedEtcdError",
@@ -41,11 +50,13 @@ __all__ = [
     "InvalidAuthToken",
     "InvalidRequest",
     "LeaseNotFound",
+    "Node",
     "NodeIdConflict",
     "PermissionDenied",
     "PreconditionFailed",
     "ResourceExhausted",
     "RevisionCompacted",
+    "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",
 ]

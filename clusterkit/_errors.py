@@ -7,6 +7,7 @@ catch the whole library with one ``except``. The tree::
     ├── ConfigError                 invalid configuration (also a ValueError)
     ├── EmbeddedEtcdError           the embedded etcd could not be found or started
     ├── NodeIdConflict              another live node already uses this node id
+    ├── ClusterMismatch             the stored cluster has another P or R than this node
     └── EtcdError                   a call to etcd failed
         ├── EtcdUnavailable         no etcd endpoint answered (connection refused, no leader, ...)
         ├── EtcdTimeout             the call's deadline passed
@@ -48,6 +49,10 @@ class EmbeddedEtcdError(ClusterKitError):
 
 class NodeIdConflict(ClusterKitError):
     """Another live node has already registered this node id."""
+
+
+class ClusterMismatch(ClusterKitError):
+    """The cluster stored in etcd has other fixed parameters (P, R) than this node's config."""
 
 
 class EtcdError(ClusterKitError):

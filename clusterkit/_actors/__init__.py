@@ -1,0 +1,1 @@
+"""The actors of a clusterkit node, each started by ``open_cluster`` in its one nursery."""

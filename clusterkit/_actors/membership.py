@@ -1,0 +1,252 @@
+"""The membership actor: session lease, node registration, keepalive, loss and rejoin.
+
+Theory of operation
+-------------------
+A node is a member while its key ``P/nodes/<id>`` exists; the key is bound to the node's
+*session lease*, so etcd deletes it when the node stops refreshing the lease.
+
+Joining: grant a lease of ``session_ttl`` seconds (etcd may grant more — the granted TTL is
+what counts), check that the stored map (if any) has this node's P and R, then create the
+node key in a Txn that only succeeds while the key does not exist. If it exists under
+another lease, another live node has this id: :class:`NodeIdConflict`, and that node is left
+untouched. If it exists under one of *our* earlier leases (we declared a session lost that
+etcd had not expired yet), we revoke that old lease and try again.
+
+Keeping alive: every ``heartbeat_interval`` the actor sends one keepalive. etcd's answer
+proves the lease lives until ``sent_at + ttl`` (``sent_at`` is when the request left, not when
+the answer came), so that is the *local lease deadline*. If keepalives fail (etcd down,
+partitioned) the actor retries quickly, and when the deadline passes it declares the session
+lost at once — it does not wait for etcd to say so, because a node cut off from etcd must
+stop acting as a member before etcd can expire it and let another node take over. A TTL-0
+answer (lease gone) also loses the session. Losing the session publishes ``None``; the actor
+then rejoins with a new lease as soon as etcd answers (backoff 0.1 s .. 2 s).
+
+Leaving: a :class:`Leave` message revokes the lease, which deletes the node key and every
+other key of the session (coordinator, leaders, ready markers) in one step, so the others see
+the departure at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, replace
+
+import trio
+
+from .._config import Config
+from .._core.keys import KeyLayout
+from .._core.records import Node, RecordError, decode_map, encode_node
+from .._errors import ClusterMismatch, EtcdError, LeaseNotFound, NodeIdConflict
+from .._etcd.client import EtcdClient
+from .._etcd.types import Compare, Op, RangeResult
+from .cell import Latest
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A live session: the lease and the local deadline before which it surely lives."""
+
+    lease_id: int
+    ttl: int
+    deadline: float
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Revoke the session and stop; ``done`` is set when the node is gone from etcd."""
+
+    done: trio.Event
+
+
+MembershipMessage = Leave
+
+
+class MembershipActor:
+    """Owns this node's session lease and its node key."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        config: Config,
+        layout: KeyLayout,
+        node: Node,
+        session: Latest[Session | None],
+        mailbox: trio.MemoryReceiveChannel[MembershipMessage],
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._layout = layout
+        self.node = node
+        self.session = session
+        self._mailbox = mailbox
+        self._log = config.log
+        self._past_leases: set[int] = set()
+        self._generation = 0
+        self.joins = 0
+        self.sessions_lost = 0
+        self.keepalives = 0
+        self.left = False
+
+    def __repr__(self) -> str:
+        s = self.session.value
+        state = f"lease={s.lease_id:x} ttl={s.ttl}" if s else "no session"
+        return f"<MembershipActor {self.node.id} {state} joins={self.joins}>"
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "joins": self.joins,
+            "sessions_lost": self.sessions_lost,
+            "keepalives": self.keepalives,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Join (raising NodeIdConflict / ClusterMismatch), then keep the session alive."""
+        await self._join()
+        task_status.started()
+        while not self.left:
+            await self._keep_alive()
+            if self.left:
+                return
+            self.sessions_lost += 1
+            self.session.set(None)
+            self._log.warning("clusterkit %s: session lost; rejoining", self.node.id)
+            await self._rejoin()
+
+    # -- joining -------------------------------------------------------------------------
+
+    async def _join(self) -> None:
+        await self._check_map()
+        lease = await self._client.lease_grant(math.ceil(self._config.session_ttl))
+        granted_at = trio.current_time()
+        self._past_leases.add(lease.id)
+        node = replace(self.node, started=time.time())
+        key = self._layout.node(node.id)
+        for _ in range(3):
+            txn = await self._client.txn(
+                [Compare.create_revision(key, "=", 0)],
+                [Op.put(key, encode_node(node), lease=lease.id)],
+                [Op.get(key)],
+            )
+            if txn.succeeded:
+                break
+            existing = txn.responses[0]
+            assert isinstance(existing, RangeResult)
+            owner_lease = existing.kvs[0].lease if existing.kvs else 0
+            if owner_lease and owner_lease in self._past_leases:
+                # Our own key from a session we declared lost before etcd expired it.
+                with contextlib.suppress(LeaseNotFound):
+                    await self._client.lease_revoke(owner_lease)
+                continue
+            await self._revoke_quietly(lease.id)
+            raise NodeIdConflict(
+                f"node id {node.id!r} is already registered by a live node "
+                f"(key {key.decode()}, lease {owner_lease:x})"
+            )
+        else:
+            await self._revoke_quietly(lease.id)
+            raise NodeIdConflict(f"could not register node id {node.id!r}")
+        self.node = node
+        self._generation += 1
+        self.joins += 1
+        self.session.set(Session(lease.id, lease.ttl, granted_at + lease.ttl, self._generation))
+        self._log.info(
+            "clusterkit %s: joined with lease %x (ttl %ss)", node.id, lease.id, lease.ttl
+        )
+
+    async def _check_map(self) -> None:
+        kv = await self._client.get(self._layout.map)
+        if kv is None:
+            return
+        try:
+            record = decode_map(kv.value)
+        except RecordError:
+            return  # garbage is the coordinator's to overwrite, not a reason to refuse
+        cfg = self._config
+        if (record.partitions, record.replica_factor) != (cfg.partitions, cfg.replica_factor):
+            raise ClusterMismatch(
+                f"the cluster at {self._layout.prefix!r} has partitions={record.partitions}, "
+                f"replica_factor={record.replica_factor}; this node is configured with "
+                f"partitions={cfg.partitions}, replica_factor={cfg.replica_factor}"
+            )
+
+    async def _rejoin(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._join()
+                return
+            except (NodeIdConflict, ClusterMismatch):
+                raise
+            except EtcdError as exc:
+                self._log.info("clusterkit %s: rejoin failed (%s); retrying", self.node.id, exc)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            await self._client.lease_revoke(lease_id)
+        except EtcdError as exc:
+            self._log.debug("revoking lease %x: %s", lease_id, exc)
+
+    # -- keeping alive -------------------------------------------------------------------
+
+    async def _keep_alive(self) -> None:
+        """Return when the session is lost, or after a Leave was handled."""
+        interval = self._config.heartbeat_interval
+        assert interval is not None
+        next_beat = trio.current_time() + interval
+        while True:
+            session = self.session.value
+            assert session is not None
+            with trio.move_on_at(min(next_beat, session.deadline)):
+                message = await self._mailbox.receive()
+                await self._handle(message)
+                if self.left:
+                    return
+                continue
+            now = trio.current_time()
+            if now >= session.deadline:
+                self._log.warning(
+                    "clusterkit %s: lease %x deadline passed without a keepalive answer",
+                    self.node.id,
+                    session.lease_id,
+                )
+                return
+            try:
+                with trio.move_on_at(session.deadline):
+                    ka = await self._client.lease_keepalive(
+                        session.lease_id, timeout=max(0.05, session.deadline - now)
+                    )
+                    self.keepalives += 1
+                    deadline = max(session.deadline, ka.sent_at + ka.ttl)
+                    self.session.set(replace(session, ttl=ka.ttl, deadline=deadline))
+                    next_beat = now + interval
+                    continue
+            except LeaseNotFound:
+                self._log.warning("clusterkit %s: lease %x expired", self.node.id, session.lease_id)
+                return
+            except EtcdError as exc:
+                self._log.info("clusterkit %s: keepalive failed: %s", self.node.id, exc)
+            next_beat = trio.current_time() + min(interval, 0.25)
+
+    async def _handle(self, message: MembershipMessage) -> None:
+        match message:
+            case Leave(done=done):
+                await self.close()
+                done.set()
+
+    async def close(self) -> None:
+        """Revoke the session (if any) and stop being a member. Idempotent.
+
+        ``open_cluster`` calls this, shielded and bounded, after it stopped the actors.
+        """
+        if self.left:
+            return
+        self.left = True
+        session = self.session.value
+        self.session.set(None)
+        if session is not None:
+            await self._revoke_quietly(session.lease_id)

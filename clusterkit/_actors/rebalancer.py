@@ -1,0 +1,207 @@
+"""The rebalancer actor: coordinator election and the partition map.
+
+Theory of operation
+-------------------
+Exactly one node at a time writes ``P/map``: the *coordinator*, the node whose id is in
+``P/coordinator``. The key is created in a Txn that only succeeds while it does not exist,
+under the candidate's session lease, so it disappears when the coordinator leaves or dies
+and the others campaign again (within the session TTL). Every map write is a Txn guarded by
+the coordinator key's ``create_revision`` (still *this* coordinator's term) and the map's
+``mod_revision`` (nobody wrote a map since the one the new map was computed from), so a
+deposed or paused coordinator can never overwrite a newer map.
+
+The coordinator compares the set of active nodes with the nodes the stored map covers.
+When they differ it waits, debounced (``rebalance_delay`` of quiet, at most
+``rebalance_max_delay`` in all), then computes the next map with the pure
+:func:`~clusterkit._core.assignment.assign` from the stored one — so a new coordinator
+resumes from where the old one stopped — and writes it. A node that flaps inside the window
+causes no write at all. Each map is one put of one key: a join or leave costs a constant
+number of etcd writes, whatever P is.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .._config import Config
+from .._core.assignment import assign
+from .._core.debounce import Debouncer
+from .._core.keys import KeyLayout
+from .._core.records import MapRecord, encode_map
+from .._core.view import ClusterView
+from .._errors import ClusterMismatch, EtcdError
+from .._etcd.client import EtcdClient
+from .._etcd.types import Compare, Op
+from .cell import Latest
+from .membership import Session
+
+
+class RebalancerActor:
+    """Campaigns for coordinator and, while it is one, keeps the map covering the members."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        config: Config,
+        layout: KeyLayout,
+        node_id: str,
+        session: Latest[Session | None],
+        views: Latest[ClusterView],
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._layout = layout
+        self._node_id = node_id
+        self._session = session
+        self._views = views
+        self._log = config.log
+        assert config.rebalance_max_delay is not None
+        self._debounce = Debouncer(config.rebalance_delay, config.rebalance_max_delay)
+        self.term: int | None = None  # create_revision of our coordinator key
+        self.maps_written = 0
+        self.campaigns = 0
+
+    def __repr__(self) -> str:
+        return f"<RebalancerActor {self._node_id} term={self.term} maps={self.maps_written}>"
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "coordinator": int(self.term is not None),
+            "maps_written": self.maps_written,
+            "campaigns": self.campaigns,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            session = await self._session.wait_for(lambda s: s is not None)
+            assert session is not None
+            try:
+                await self._serve_session(session)
+            except EtcdError as exc:
+                self._log.info("clusterkit %s: rebalancer: %s; retrying", self._node_id, exc)
+                await trio.sleep(0.2)
+            finally:
+                self.term = None
+
+    def _session_ended(self, session: Session) -> bool:
+        current = self._session.value
+        return current is None or current.generation != session.generation
+
+    async def _serve_session(self, session: Session) -> None:
+        version = -1
+        view = self._views.value
+        while not self._session_ended(session):
+            self._check_compatible(view)
+            coordinator = view.coordinator
+            if self.term is None:
+                if coordinator is None or (
+                    coordinator.node_id == self._node_id and coordinator.lease == session.lease_id
+                ):
+                    await self._campaign(session)
+            elif (
+                coordinator is None or coordinator.create_revision != self.term
+            ) and view.revision >= self.term:
+                self._log.info("clusterkit %s: no longer coordinator", self._node_id)
+                self.term = None
+                continue
+            if self.term is not None:
+                deadline = await self._maybe_rebalance(view)
+            else:
+                deadline = None
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                view, version = await self._wait_view_or_session(version, session)
+
+    async def _wait_view_or_session(
+        self, version: int, session: Session
+    ) -> tuple[ClusterView, int]:
+        """The next view; returns early (with the current view) when the session changes."""
+        if version < 0:
+            return self._views.value, self._views.version
+        async with trio.open_nursery() as nursery:
+            result: list[tuple[ClusterView, int]] = []
+
+            async def next_view() -> None:
+                result.append(await self._views.wait_newer(version))
+                nursery.cancel_scope.cancel()
+
+            async def session_change() -> None:
+                await self._session.wait_for(
+                    lambda s: s is None or s.generation != session.generation
+                )
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(next_view)
+            nursery.start_soon(session_change)
+        return result[0] if result else (self._views.value, self._views.version)
+
+    def _check_compatible(self, view: ClusterView) -> None:
+        cfg = self._config
+        record = view.map
+        if record is not None and (record.partitions, record.replica_factor) != (
+            cfg.partitions,
+            cfg.replica_factor,
+        ):
+            raise ClusterMismatch(
+                f"the stored map has partitions={record.partitions}, replica_factor="
+                f"{record.replica_factor}; this node has {cfg.partitions}, {cfg.replica_factor}"
+            )
+
+    async def _campaign(self, session: Session) -> None:
+        self.campaigns += 1
+        key = self._layout.coordinator
+        txn = await self._client.txn(
+            [Compare.create_revision(key, "=", 0)],
+            [Op.put(key, self._node_id, lease=session.lease_id)],
+            [Op.get(key)],
+        )
+        if txn.succeeded:
+            self.term = txn.revision
+            self._log.info("clusterkit %s: became coordinator (term %d)", self._node_id, self.term)
+            return
+        existing = txn.responses[0]
+        kvs = getattr(existing, "kvs", ())
+        if (
+            kvs
+            and kvs[0].value.decode(errors="replace") == self._node_id
+            and (kvs[0].lease == session.lease_id)
+        ):
+            self.term = kvs[0].create_revision  # our own key from this session
+
+    async def _maybe_rebalance(self, view: ClusterView) -> float | None:
+        """Write a new map if one is due; return the deadline of a pending one."""
+        cfg = self._config
+        active = view.active_node_ids()
+        satisfied = view.converged(cfg.replica_factor) or not active
+        now = trio.current_time()
+        deadline = self._debounce.observe(active, satisfied, now)
+        if deadline is None or now < deadline:
+            return deadline
+        assert self.term is not None
+        previous = view.map.as_assignment() if view.map is not None else None
+        replicas = assign(previous, sorted(active), cfg.partitions, cfg.replica_factor)
+        record = MapRecord(
+            version=(view.map.version + 1) if view.map is not None else 1,
+            partitions=cfg.partitions,
+            replica_factor=cfg.replica_factor,
+            replicas=tuple(replicas[pt] for pt in range(cfg.partitions)),
+        )
+        txn = await self._client.txn(
+            [
+                Compare.create_revision(self._layout.coordinator, "=", self.term),
+                Compare.mod_revision(self._layout.map, "=", view.map_revision),
+            ],
+            [Op.put(self._layout.map, encode_map(record))],
+        )
+        if txn.succeeded:
+            self.maps_written += 1
+            self._debounce.done()
+            self._log.info(
+                "clusterkit %s: wrote map v%d for %d nodes",
+                self._node_id,
+                record.version,
+                len(active),
+            )
+            return None
+        self._log.info("clusterkit %s: map write lost a race; re-reading", self._node_id)
+        return now + 0.05

@@ -1,0 +1,141 @@
+"""The watcher actor: one watch on the cluster prefix, published as ClusterView snapshots.
+
+Theory of operation
+-------------------
+Start: read the whole prefix at one revision R (paged, every page at R), build the view,
+publish it, and only then report ready. Then watch the prefix from R + 1: each watch batch
+is applied to the :class:`ViewState` and a new snapshot is published, so the view always
+equals the prefix at some revision — no event lost, none invented.
+
+When the watch fails:
+
+- ``RevisionCompacted``: the history after our revision is gone. Re-read the prefix at a new
+  revision R', replace the state with it (the new snapshot *is* the diff applied), and
+  watch from R' + 1. Resuming from the compact revision instead would skip events.
+- etcd unreachable: mark the node unhealthy, keep publishing nothing (routing keeps
+  answering from the last view), and retry with backoff from the last revision + 1; if that
+  revision was compacted meanwhile, re-read as above.
+
+Values that do not decode are logged, counted (``garbage``) and ignored.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .._config import Config
+from .._core.keys import KeyLayout
+from .._core.view import ClusterView, ViewState
+from .._errors import EtcdError, RevisionCompacted
+from .._etcd.client import EtcdClient
+from .._etcd.types import EventType
+from .cell import Latest
+
+
+class WatcherActor:
+    """Mirrors the cluster prefix into ``views``; ``connected`` tells if the watch is live."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        config: Config,
+        layout: KeyLayout,
+        views: Latest[ClusterView],
+        connected: Latest[bool],
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._layout = layout
+        self._state = ViewState(layout)
+        self.views = views
+        self.connected = connected
+        self._log = config.log
+        self.garbage = 0
+        self.reloads = 0
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<WatcherActor rev={self._state.revision} connected={self.connected.value}"
+            f" garbage={self.garbage} reloads={self.reloads}>"
+        )
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "revision": self._state.revision,
+            "garbage": self.garbage,
+            "reloads": self.reloads,
+            "reconnects": self.reconnects,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load the prefix, report ready, then follow it forever."""
+        await self._load()
+        task_status.started()
+        backoff = 0.05
+        while True:
+            try:
+                await self._follow()
+            except RevisionCompacted as exc:
+                self._log.info("clusterkit watch compacted (%s); re-reading the prefix", exc)
+                await self._reload_when_possible()
+                continue
+            except EtcdError as exc:
+                self.connected.set(False)
+                self.reconnects += 1
+                self._log.warning("clusterkit watch failed: %s; retrying", exc)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _load(self) -> None:
+        snapshot = await self._client.get_prefix(self._layout.root)
+        self._state.reset()
+        for kv in snapshot.kvs:
+            self._note(
+                self._state.apply(
+                    kv.key,
+                    kv.value,
+                    create_revision=kv.create_revision,
+                    mod_revision=kv.mod_revision,
+                    lease=kv.lease,
+                )
+            )
+        self.views.set(self._state.snapshot(snapshot.revision))
+        self.connected.set(True)
+
+    async def _reload_when_possible(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._load()
+                self.reloads += 1
+                return
+            except EtcdError as exc:
+                self.connected.set(False)
+                self._log.warning("clusterkit: re-reading the prefix failed: %s", exc)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _follow(self) -> None:
+        start = self._state.revision + 1
+        async with self._client.watch(self._layout.root, prefix=True, start_revision=start) as w:
+            if not self.connected.value:
+                self.connected.set(True)
+            async for batch in w:
+                for ev in batch.events:
+                    kv = ev.kv
+                    self._note(
+                        self._state.apply(
+                            kv.key,
+                            kv.value if ev.type is EventType.PUT else None,
+                            create_revision=kv.create_revision,
+                            mod_revision=kv.mod_revision,
+                            lease=kv.lease,
+                        )
+                    )
+                self.views.set(self._state.snapshot(batch.revision))
+
+    def _note(self, problem: str | None) -> None:
+        if problem is not None:
+            self.garbage += 1
+            self._log.warning("clusterkit: ignoring %s", problem)

@@ -1,0 +1,191 @@
+"""Configuration of a clusterkit node (:class:`Config`) and of a routing client.
+
+Field names follow the Go ClusterKit config in snake_case; durations are float seconds.
+Every value is checked when the object is built, so a bad config raises
+:class:`ConfigError` naming the field and the rule before anything touches etcd.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ._core.keys import valid_node_id
+from ._errors import ConfigError
+from ._etcd.channel import EtcdConfig
+
+Hook = Callable[..., Awaitable[None] | None]
+"""A hook: an async function (a plain function is accepted too)."""
+
+HOOK_NAMES = (
+    "on_partition_assigned",
+    "on_partition_unassigned",
+    "on_leader_elected",
+    "on_leader_lost",
+    "on_replica_added",
+    "on_replica_removed",
+)
+
+
+def _port(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ConfigError(name, "must be a port number 0-65535 (0 picks a free port)")
+
+
+def _positive(name: str, value: object) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(name, "must be a positive number of seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Configuration of one clusterkit node.
+
+    Attributes:
+        node_id: unique id of this node (1-128 of ``A-Z a-z 0-9 . _ : -``).
+        advertise_addr: the address other nodes and clients use to reach this node.
+        http_port: port of the peer (websocket) endpoint; 0 picks a free port. Default 8080.
+        grpc_port: port of the gRPC endpoint advertised to other languages. Default 9000.
+        partitions: P, the number of partitions; fixed for the cluster's life. Default 256.
+        replica_factor: R, replicas per partition; fixed for the cluster's life. Default 3.
+        etcd_endpoints: etcd members to use; empty starts an embedded etcd for this node.
+        etcd_prefix: the key prefix of this cluster in etcd. Default ``"/clusterkit"``.
+        session_ttl: seconds after which a silent node is considered dead. Default 10.
+        heartbeat_interval: seconds between lease keepalives. Default session_ttl / 3.
+        rebalance_delay: seconds membership must be quiet before partitions move. Default 5.
+        rebalance_max_delay: upper bound on that wait under constant churn.
+            Default 4 x rebalance_delay.
+        on_partition_assigned, on_partition_unassigned, on_leader_elected, on_leader_lost,
+        on_replica_added, on_replica_removed: the six hooks (see the README).
+        metadata: free-form strings published in this node's record.
+        logger: the logger to use. Default ``logging.getLogger("clusterkit")``.
+        metrics_port: port of the Prometheus endpoint; 0 picks a free port, None disables it.
+            Default 2112.
+        etcd_ca_cert, etcd_cert, etcd_key: TLS to etcd (PEM paths or bytes).
+        etcd_username, etcd_password: etcd password authentication.
+        etcd_dial_timeout: seconds to wait for etcd at start. Default 5.
+        etcd_request_timeout: deadline of each etcd call. Default 5.
+        embedded_etcd_binary: etcd binary for the embedded etcd (default: see README).
+        embedded_etcd_dir: data directory for the embedded etcd (default: temporary).
+    """
+
+    node_id: str
+    advertise_addr: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 9000
+    partitions: int = 256
+    replica_factor: int = 3
+    etcd_endpoints: Sequence[str] = ()
+    etcd_prefix: str = "/clusterkit"
+    session_ttl: float = 10.0
+    heartbeat_interval: float | None = None
+    rebalance_delay: float = 5.0
+    rebalance_max_delay: float | None = None
+    on_partition_assigned: Hook | None = None
+    on_partition_unassigned: Hook | None = None
+    on_leader_elected: Hook | None = None
+    on_leader_lost: Hook | None = None
+    on_replica_added: Hook | None = None
+    on_replica_removed: Hook | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    logger: logging.Logger | None = None
+    metrics_port: int | None = 2112
+    etcd_ca_cert: str | bytes | None = field(default=None, repr=False)
+    etcd_cert: str | bytes | None = field(default=None, repr=False)
+    etcd_key: str | bytes | None = field(default=None, repr=False)
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    etcd_dial_timeout: float = 5.0
+    etcd_request_timeout: float = 5.0
+    embedded_etcd_binary: str | None = None
+    embedded_etcd_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str) or not valid_node_id(self.node_id):
+            raise ConfigError(
+                "node_id", "1-128 characters of A-Z a-z 0-9 . _ : - (no leading symbol)"
+            )
+        if not isinstance(self.advertise_addr, str) or not self.advertise_addr:
+            raise ConfigError("advertise_addr", "must be a non-empty host name or address")
+        _port("http_port", self.http_port)
+        _port("grpc_port", self.grpc_port)
+        _port("metrics_port", self.metrics_port, allow_none=True)
+        for name in ("partitions", "replica_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, "must be an integer >= 1")
+        if self.partitions > 1 << 20:
+            raise ConfigError("partitions", "must be <= 1048576")
+        if isinstance(self.etcd_endpoints, str):
+            raise ConfigError("etcd_endpoints", "must be a list of host:port strings, not a str")
+        object.__setattr__(self, "etcd_endpoints", tuple(self.etcd_endpoints))
+        if (
+            not isinstance(self.etcd_prefix, str)
+            or not self.etcd_prefix.startswith("/")
+            or self.etcd_prefix.rstrip("/") == ""
+        ):
+            raise ConfigError("etcd_prefix", "must start with '/' and name a non-root prefix")
+        _positive("session_ttl", self.session_ttl)
+        if self.session_ttl < 1:
+            raise ConfigError("session_ttl", "must be >= 1 second (etcd leases are whole seconds)")
+        if self.heartbeat_interval is None:
+            object.__setattr__(self, "heartbeat_interval", self.session_ttl / 3)
+        _positive("heartbeat_interval", self.heartbeat_interval)
+        assert self.heartbeat_interval is not None
+        if self.heartbeat_interval > self.session_ttl / 2:
+            raise ConfigError(
+                "heartbeat_interval", "must be <= session_ttl / 2 (one lost keepalive is normal)"
+            )
+        if not isinstance(self.rebalance_delay, int | float) or self.rebalance_delay < 0:
+            raise ConfigError("rebalance_delay", "must be a number of seconds >= 0")
+        if self.rebalance_max_delay is None:
+            object.__setattr__(self, "rebalance_max_delay", 4 * self.rebalance_delay)
+        assert self.rebalance_max_delay is not None
+        if self.rebalance_max_delay < self.rebalance_delay:
+            raise ConfigError("rebalance_max_delay", "must be >= rebalance_delay")
+        for name in HOOK_NAMES:
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise ConfigError(name, "must be a function (async or plain) or None")
+        if not isinstance(self.metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
+        ):
+            raise ConfigError("metadata", "must map strings to strings")
+        _positive("etcd_dial_timeout", self.etcd_dial_timeout)
+        _positive("etcd_request_timeout", self.etcd_request_timeout)
+        if self.etcd_endpoints:
+            self.etcd_config()  # validates endpoints, TLS and auth pairs
+
+    @property
+    def log(self) -> logging.Logger:
+        """The logger in use."""
+        return self.logger or logging.getLogger("clusterkit")
+
+    def etcd_config(self, endpoints: Sequence[str] | None = None) -> EtcdConfig:
+        """The etcd client settings of this config (``endpoints`` overrides the list)."""
+        try:
+            return EtcdConfig(
+                endpoints=tuple(endpoints if endpoints is not None else self.etcd_endpoints),
+                dial_timeout=self.etcd_dial_timeout,
+                request_timeout=self.etcd_request_timeout,
+                ca_cert=self.etcd_ca_cert,
+                cert=self.etcd_cert,
+                key=self.etcd_key,
+                username=self.etcd_username,
+                password=self.etcd_password,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"etcd_{exc.field}", exc.rule) from None
+
+    def hooks(self) -> dict[str, Hook]:
+        """The hooks that are set, by name."""
+        return {n: h for n in HOOK_NAMES if (h := getattr(self, n)) is not None}

@@ -1,0 +1,83 @@
+"""The etcd key layout under the cluster prefix ``P`` (see DESIGN.md, "etcd key layout").
+
+| key                        | value                   | lease              |
+| -------------------------- | ----------------------- | ------------------ |
+| ``P/nodes/<node_id>``      | node record (JSON)      | node session       |
+| ``P/coordinator``          | node id                 | coordinator session|
+| ``P/map``                  | partition map (JSON)    | none               |
+| ``P/ready/<pt>/<node_id>`` | ``"1"``                 | node session       |
+| ``P/leaders/<pt>``         | node id                 | leader's session   |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+KeyKind = Literal["node", "coordinator", "map", "ready", "leader"]
+
+
+def valid_node_id(node_id: str) -> bool:
+    """Node ids are 1-128 characters of ``A-Z a-z 0-9 . _ : -``, not starting with a symbol."""
+    return bool(_NODE_ID.match(node_id))
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """What a key under the prefix names."""
+
+    kind: KeyKind
+    node_id: str = ""
+    partition: int = -1
+
+
+class KeyLayout:
+    """Builds and parses the keys of one cluster prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.rstrip("/")
+        self.root = (self.prefix + "/").encode()
+        self.nodes_prefix = self.root + b"nodes/"
+        self.coordinator = self.root + b"coordinator"
+        self.map = self.root + b"map"
+        self.ready_prefix = self.root + b"ready/"
+        self.leaders_prefix = self.root + b"leaders/"
+
+    def __repr__(self) -> str:
+        return f"KeyLayout({self.prefix!r})"
+
+    def node(self, node_id: str) -> bytes:
+        return self.nodes_prefix + node_id.encode()
+
+    def ready(self, partition: int, node_id: str) -> bytes:
+        return self.ready_prefix + f"{partition}/{node_id}".encode()
+
+    def leader(self, partition: int) -> bytes:
+        return self.leaders_prefix + str(partition).encode()
+
+    def parse(self, key: bytes) -> ParsedKey | None:
+        """Classify a key under the prefix; ``None`` for keys clusterkit does not own."""
+        if not key.startswith(self.root):
+            return None
+        rest = key[len(self.root) :]
+        try:
+            text = rest.decode()
+        except UnicodeDecodeError:
+            return None
+        if text == "map":
+            return ParsedKey("map")
+        if text == "coordinator":
+            return ParsedKey("coordinator")
+        kind, _, tail = text.partition("/")
+        if kind == "nodes" and valid_node_id(tail):
+            return ParsedKey("node", node_id=tail)
+        if kind == "leaders" and tail.isdigit():
+            return ParsedKey("leader", partition=int(tail))
+        if kind == "ready":
+            pt, _, node_id = tail.partition("/")
+            if pt.isdigit() and valid_node_id(node_id):
+                return ParsedKey("ready", node_id=node_id, partition=int(pt))
+        return None
