@@ -20,7 +20,10 @@ async def test_cold_start_join_and_leave_move_the_minimum(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nodes = [await start_node(nursery, node_config(f"n{i}", etcd.endpoints, prefix)) for i in range(3)]
+        nodes = [
+            await start_node(nursery, node_config(f"n{i}", etcd.endpoints, prefix))
+            for i in range(3)
+        ]
         await wait_converged(nodes)
         first = assignment(nodes[0].ck)
         assert all(assignment(n.ck) == first for n in nodes)
@@ -120,7 +123,9 @@ async def test_garbage_under_the_prefix_is_ignored(
         await client.put(f"{p}/nodes/ghost2", b"\xff\xfe")
         await client.put(f"{p}/leaders/not-a-number", "a")
         with trio.fail_after(5):
-            await a.ck._views.wait_for(lambda v: v.revision >= 0 and a.ck.statistics()["WatcherActor"]["garbage"] >= 4)
+            await a.ck._views.wait_for(
+                lambda v: v.revision >= 0 and a.ck.statistics()["WatcherActor"]["garbage"] >= 4
+            )
         assert [n.id for n in a.ck.get_nodes()] == ["a", "b"]
         assert a.ck.is_healthy() and b.ck.is_healthy()
         nursery.cancel_scope.cancel()

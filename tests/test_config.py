@@ -11,7 +11,12 @@ import clusterkit
 
 def test_defaults_follow_the_go_clusterkit() -> None:
     cfg = clusterkit.Config(node_id="n1")
-    assert (cfg.http_port, cfg.grpc_port, cfg.partitions, cfg.replica_factor) == (8080, 9000, 256, 3)
+    assert (cfg.http_port, cfg.grpc_port, cfg.partitions, cfg.replica_factor) == (
+        8080,
+        9000,
+        256,
+        3,
+    )
     assert (cfg.etcd_prefix, cfg.session_ttl, cfg.rebalance_delay) == ("/clusterkit", 10.0, 5.0)
     assert cfg.heartbeat_interval == pytest.approx(10 / 3)
     assert cfg.rebalance_max_delay == 20.0

@@ -13,7 +13,6 @@ pending rebalance fires at the latest ``max_delay`` after the first unhandled ch
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -25,9 +24,9 @@ class Debouncer:
     max_delay: float
     first_change: float | None = None
     last_change: float | None = None
-    target: Hashable | None = None
+    target: object = None
 
-    def observe(self, target: Hashable, satisfied: bool, now: float) -> float | None:
+    def observe(self, target: object, satisfied: bool, now: float) -> float | None:
         """Record the desired state ``target`` seen at ``now``.
 
         Args:

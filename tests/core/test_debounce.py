@@ -7,18 +7,22 @@ from clusterkit._core.debounce import Debouncer
 
 def test_quiet_period_then_act() -> None:
     d = Debouncer(delay=5, max_delay=20)
-    assert d.observe({"a"}, satisfied=True, now=0) is None
-    assert d.observe({"a", "b"}, satisfied=False, now=1) == 6
-    assert d.observe({"a", "b"}, satisfied=False, now=3) == 6  # same target: no reset
-    assert d.observe({"a", "b", "c"}, satisfied=False, now=4) == 9  # new change: wait again
+    assert d.observe(frozenset({"a"}), satisfied=True, now=0) is None
+    assert d.observe(frozenset({"a", "b"}), satisfied=False, now=1) == 6
+    assert d.observe(frozenset({"a", "b"}), satisfied=False, now=3) == 6  # same target: no reset
+    assert (
+        d.observe(frozenset({"a", "b", "c"}), satisfied=False, now=4) == 9
+    )  # new change: wait again
     d.done()
     assert d.deadline() is None
 
 
 def test_flap_inside_the_window_cancels() -> None:
     d = Debouncer(delay=5, max_delay=20)
-    assert d.observe({"a"}, satisfied=False, now=0) == 5
-    assert d.observe({"a", "b"}, satisfied=True, now=2) is None  # back to what the map has
+    assert d.observe(frozenset({"a"}), satisfied=False, now=0) == 5
+    assert (
+        d.observe(frozenset({"a", "b"}), satisfied=True, now=2) is None
+    )  # back to what the map has
     assert d.deadline() is None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -67,12 +68,55 @@ def test_big_map_fits_etcd_request_limit() -> None:
     [
         {"format": 2},
         {"format": 1, "version": 1, "partitions": 2, "replica_factor": 1, "nodes": ["a"]},
-        {"format": 1, "version": 1, "partitions": 1, "replica_factor": 1, "nodes": ["a"], "replicas": [[1]]},
-        {"format": 1, "version": 1, "partitions": 1, "replica_factor": 1, "nodes": ["a"], "replicas": [[0, 0]]},
-        {"format": 1, "version": 1, "partitions": 1, "replica_factor": 1, "nodes": ["a", "b"], "replicas": [[0, 1]]},
-        {"format": 1, "version": -1, "partitions": 1, "replica_factor": 1, "nodes": [], "replicas": [[]]},
-        {"format": 1, "version": 1, "partitions": 1, "replica_factor": 1, "nodes": ["a"], "replicas": [[0]], "joining": {"5": [0]}},
-        {"format": 1, "version": True, "partitions": 1, "replica_factor": 1, "nodes": [], "replicas": [[]]},
+        {
+            "format": 1,
+            "version": 1,
+            "partitions": 1,
+            "replica_factor": 1,
+            "nodes": ["a"],
+            "replicas": [[1]],
+        },
+        {
+            "format": 1,
+            "version": 1,
+            "partitions": 1,
+            "replica_factor": 1,
+            "nodes": ["a"],
+            "replicas": [[0, 0]],
+        },
+        {
+            "format": 1,
+            "version": 1,
+            "partitions": 1,
+            "replica_factor": 1,
+            "nodes": ["a", "b"],
+            "replicas": [[0, 1]],
+        },
+        {
+            "format": 1,
+            "version": -1,
+            "partitions": 1,
+            "replica_factor": 1,
+            "nodes": [],
+            "replicas": [[]],
+        },
+        {
+            "format": 1,
+            "version": 1,
+            "partitions": 1,
+            "replica_factor": 1,
+            "nodes": ["a"],
+            "replicas": [[0]],
+            "joining": {"5": [0]},
+        },
+        {
+            "format": 1,
+            "version": True,
+            "partitions": 1,
+            "replica_factor": 1,
+            "nodes": [],
+            "replicas": [[]],
+        },
     ],
 )
 def test_bad_maps_are_refused(obj: object) -> None:
@@ -83,10 +127,8 @@ def test_bad_maps_are_refused(obj: object) -> None:
 @given(st.binary(max_size=200))
 def test_decoders_never_raise_anything_but_record_error(data: bytes) -> None:
     for decode in (decode_map, lambda v: decode_node(v, "n1")):
-        try:
+        with contextlib.suppress(RecordError):
             decode(data)
-        except RecordError:
-            pass
 
 
 def test_key_layout_parses_what_it_builds() -> None:
