@@ -18,7 +18,7 @@ Exception-group policy at the boundary (tested in ``tests/test_cluster_boundary.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import trio
@@ -126,13 +126,22 @@ class ClusterKit:
             and self._connected.value
         )
 
-    async def wait_converged(self) -> ClusterView:
+    async def wait_converged(self, members: Iterable[str] | None = None) -> ClusterView:
         """Wait until the stored map covers exactly the current active members.
 
-        Use a cancel scope (``trio.fail_after``) to bound the wait.
+        Args:
+            members: also wait until the active members are exactly these node ids.
+
+        Returns:
+            The first view that satisfies the condition.
+
+        Bound the wait with a cancel scope (``trio.fail_after``).
         """
         r = self.config.replica_factor
-        return await self._views.wait_for(lambda v: v.converged(r))
+        want = frozenset(members) if members is not None else None
+        return await self._views.wait_for(
+            lambda v: v.converged(r) and (want is None or v.active_node_ids() == want)
+        )
 
     def statistics(self) -> dict[str, dict[str, int]]:
         """Counters of every actor, by actor."""

