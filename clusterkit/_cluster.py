@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+import mmh3
 import trio
 
 from ._actors.cell import Latest
@@ -28,7 +29,6 @@ from ._actors.membership import Leave, MembershipActor, MembershipMessage, Sessi
 from ._actors.rebalancer import RebalancerActor
 from ._actors.watcher import WatcherActor
 from ._config import Config
-from ._core.hashing import partition_for
 from ._core.keys import KeyLayout
 from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView
@@ -67,6 +67,9 @@ class ClusterKit:
         self._membership = membership
         self._left = False
         self._actors: list[object] = []
+        self._mmh3 = mmh3.hash
+        self._mine_view: ClusterView | None = None
+        self._mine: frozenset[int] = frozenset()
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -88,8 +91,12 @@ class ClusterKit:
         return self._views.value
 
     def get_partition(self, key: str | bytes) -> int:
-        """The partition of ``key``: ``mmh3(key) mod P`` (stable across processes/languages)."""
-        return partition_for(key, self._partitions)
+        """The partition of ``key``: ``mmh3(key) mod P`` (stable across processes/languages).
+
+        A ``str`` is hashed as its UTF-8 bytes; the same as
+        ``clusterkit._core.hashing.partition_for`` (inlined here: this is the hot path).
+        """
+        return self._mmh3(key, 0, False) % self._partitions  # type: ignore[no-any-return]
 
     def get_replicas(self, partition: int) -> list[Node]:
         """The replicas of ``partition``, preferred leader first (empty before the first map).
@@ -104,7 +111,16 @@ class ClusterKit:
 
     def is_replica(self, partition: int) -> bool:
         """True when this node is one of ``partition``'s replicas in the current map."""
-        return any(n.id == self.node_id for n in self.get_replicas(partition))
+        view = self._views.value
+        if view is not self._mine_view:
+            me = self.node_id
+            self._mine = frozenset(
+                pt for pt, row in enumerate(view.replica_nodes) if any(n.id == me for n in row)
+            )
+            self._mine_view = view
+        if not 0 <= partition < self._partitions:
+            raise ValueError(f"partition {partition} is not in range({self._partitions})")
+        return partition in self._mine
 
     def get_nodes(self) -> list[Node]:
         """The registered (alive) nodes, sorted by id."""

@@ -158,7 +158,7 @@ class EtcdProcess:
     initial_cluster: str | None = None
     cluster_token: str = "clusterkit"
     version: str = ""
-    process: trio.Process | None = None
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -215,16 +215,17 @@ class EtcdProcess:
     ) -> None:
         """Spawn the process and (with ``wait``) wait until it answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: ASYNC230, SIM115 - the child keeps its own fd
-        try:
-            self.process = await trio.lowlevel.open_process(
+        # Spawned from this (the Trio) thread on purpose, not through trio.open_process, which
+        # forks from a worker thread: the parent-death signal fires when the *thread* that
+        # forked exits, and Trio's idle worker threads exit after 10 s, killing etcd.
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - the child keeps its own fd
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - a few ms, see above
                 self.args(new_cluster=new_cluster),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        finally:
-            log.close()
+        await trio.lowlevel.checkpoint()
         if wait:
             await self.wait_ready(timeout=timeout)
 
@@ -235,7 +236,7 @@ class EtcdProcess:
         try:
             with trio.move_on_after(timeout):
                 while True:
-                    if self.process is None or self.process.returncode is not None:
+                    if self.exited:
                         raise EmbeddedEtcdError(
                             f"etcd {self.name} exited at startup:\n{self.log_tail()}"
                         )
@@ -268,9 +269,19 @@ class EtcdProcess:
         except OSError:
             return "(no log)"
 
+    @property
+    def exited(self) -> bool:
+        """True when the process is not running (never started, or exited and reaped)."""
+        return self.process is None or self.process.poll() is not None
+
+    async def _reap(self) -> None:
+        assert self.process is not None
+        while self.process.poll() is None:
+            await trio.sleep(0.005)
+
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the process (no-op once it has exited)."""
-        if self.process is not None and self.process.returncode is None:
+        if self.process is not None and not self.exited:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
 
@@ -287,22 +298,21 @@ class EtcdProcess:
         if self.process is not None:
             self.signal(signal.SIGKILL)
             with trio.CancelScope(shield=True):
-                await self.process.wait()
+                await self._reap()
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps. Shielded."""
-        proc = self.process
-        if proc is None:
+        if self.process is None:
             return
         with trio.CancelScope(shield=True):
-            if proc.returncode is None:
+            if not self.exited:
                 self.signal(signal.SIGTERM)
                 self.signal(signal.SIGCONT)
                 with trio.move_on_after(grace):
-                    await proc.wait()
-            if proc.returncode is None:
+                    await self._reap()
+            if not self.exited:
                 self.signal(signal.SIGKILL)
-                await proc.wait()
+                await self._reap()
 
     async def restart(self, *, timeout: float = 10.0) -> None:
         """Start the member again on the same ports and data directory."""

@@ -7,7 +7,10 @@ server version's binary.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from functools import partial
 from typing import Any
 
 import pytest
@@ -155,3 +158,34 @@ async def test_embedded_etcd_cancelled_during_startup_leaves_no_process(
         async with clusterkit.open_embedded_etcd(binary=etcd_binary):
             pass  # pragma: no cover
     assert pids and not _alive(pids[0])
+
+
+async def test_embedded_etcd_dies_with_a_sigkilled_parent(etcd_binary: str) -> None:
+    script = (
+        "import sys, trio, clusterkit\n"
+        "async def main():\n"
+        "    async with clusterkit.open_embedded_etcd(binary=sys.argv[1]) as e:\n"
+        "        print(e.member.pid, flush=True)\n"
+        "        await trio.sleep(60)\n"
+        "trio.run(main)\n"
+    )
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", script, etcd_binary],
+                stdout=subprocess.PIPE,
+                check=False,
+            )
+        )
+        assert proc.stdout is not None
+        with trio.fail_after(30):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some()
+        etcd_pid = int(line)
+        assert _alive(etcd_pid)
+        proc.kill()  # SIGKILL: no cleanup code runs in the parent
+    with trio.fail_after(10):
+        while _alive(etcd_pid):
+            await trio.sleep(0.05)
