@@ -96,7 +96,7 @@ class ClusterKit:
         A ``str`` is hashed as its UTF-8 bytes; the same as
         ``clusterkit._core.hashing.partition_for`` (inlined here: this is the hot path).
         """
-        return self._mmh3(key, 0, False) % self._partitions  # type: ignore[no-any-return]
+        return self._mmh3(key, 0, False) % self._partitions
 
     def get_replicas(self, partition: int) -> list[Node]:
         """The replicas of ``partition``, preferred leader first (empty before the first map).

@@ -35,6 +35,8 @@ from .._etcd.types import Compare, Op
 from .cell import Latest
 from .membership import Session
 
+INLINE_ASSIGN_LIMIT = 8192  # replicas; bigger maps are computed in a worker thread
+
 
 class RebalancerActor:
     """Campaigns for coordinator and, while it is one, keeps the map covering the members."""
@@ -179,7 +181,13 @@ class RebalancerActor:
             return deadline
         assert self.term is not None
         previous = view.map.as_assignment() if view.map is not None else None
-        replicas = assign(previous, sorted(active), cfg.partitions, cfg.replica_factor)
+        args = (previous, sorted(active), cfg.partitions, cfg.replica_factor)
+        if cfg.partitions * cfg.replica_factor <= INLINE_ASSIGN_LIMIT:
+            replicas = assign(*args)  # a few ms at most
+        else:
+            # Up to ~1 s for P = 65536, N = 1000: off the Trio thread, so keepalives and
+            # routing views keep flowing meanwhile (the GIL is released every few ms).
+            replicas = await trio.to_thread.run_sync(assign, *args)
         record = MapRecord(
             version=(view.map.version + 1) if view.map is not None else 1,
             partitions=cfg.partitions,
