@@ -61,10 +61,18 @@ async def start_node(nursery: trio.Nursery, config: clusterkit.Config) -> Runnin
 
 
 async def wait_converged(nodes: Sequence[RunningNode], timeout: float = 15.0) -> int:
-    """Wait until every node sees a converged map covering exactly ``nodes``; its version."""
+    """Wait until every node sees the same converged map covering exactly ``nodes``.
+
+    A node whose watch lags may still hold an older map that happens to cover the same
+    members, so this also waits until all nodes agree on the newest map version.
+    """
     want = {n.ck.node_id for n in nodes}
     with trio.fail_after(timeout):
         for n in nodes:
+            await n.ck.wait_converged(want)
+        newest = max(n.ck.view.map.version for n in nodes if n.ck.view.map is not None)
+        for n in nodes:
+            await n.ck._views.wait_for(lambda v: v.map is not None and v.map.version >= newest)
             await n.ck.wait_converged(want)
     versions = {n.ck.view.map.version for n in nodes if n.ck.view.map is not None}
     assert len(versions) == 1, versions

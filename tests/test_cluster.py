@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 from cluster_helpers import node_config, start_node, wait_converged
+from tcp_proxy import open_proxy
 
 import clusterkit
 from clusterkit._core.assignment import balance, count_moves, minimum_moves
@@ -185,3 +186,54 @@ async def test_etcd_outage_routing_keeps_answering_and_the_node_rejoins(etcd_bin
             await wait_converged([a, b])
             assert a.ck.statistics()["MembershipActor"]["joins"] >= 2
             nursery.cancel_scope.cancel()
+
+
+async def test_coordinator_cut_off_from_etcd_is_replaced_within_the_session_ttl(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    ttl = 2.0
+    async with open_proxy(etcd.endpoints[0]) as proxy, trio.open_nursery() as nursery:
+        cut_cfg = {"session_ttl": ttl, "etcd_request_timeout": 0.5}
+        first = await start_node(nursery, node_config("k0", [proxy.endpoint], prefix, **cut_cfg))
+        await first.ck.wait_converged({"k0"})  # k0 is the coordinator: it was alone
+        others = [
+            await start_node(nursery, node_config(f"k{i}", etcd.endpoints, prefix)) for i in (1, 2)
+        ]
+        await wait_converged([first, *others])
+        view = others[0].ck.view
+        assert view.coordinator is not None and view.coordinator.node_id == "k0"
+        proxy.cut()  # k0 is alive but cannot reach etcd: like a crash, for the others
+        start = trio.current_time()
+        with trio.fail_after(ttl + 5):
+            await others[0].ck._views.wait_for(
+                lambda v: v.coordinator is not None and v.coordinator.node_id != "k0"
+            )
+        # etcd expires k0's lease TTL (+ its 0.5 s expiry sweep) after its last keepalive.
+        assert trio.current_time() - start <= ttl + 1.0
+        assert not first.ck.is_healthy()
+        await wait_converged(others)
+        proxy.restore()
+        # k0 rejoins with a new session and the map covers it again.
+        await wait_converged([first, *others])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failure_inside_clusterkit_is_raised_as_itself(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, client: clusterkit.EtcdClient
+) -> None:
+    from clusterkit._core.records import MapRecord, encode_map
+
+    body_cancelled = False
+    with pytest.raises(clusterkit.ClusterMismatch) as info:
+        async with clusterkit.open_cluster(node_config("m", etcd.endpoints, prefix)) as ck:
+            await ck.wait_converged({"m"})
+            # Somebody rewrites the map with another partition count while we run.
+            other = MapRecord(99, 8, 3, tuple(("m",) for _ in range(8)))
+            await client.put(f"{prefix.rstrip('/')}/map", encode_map(other))
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                body_cancelled = True
+                raise
+    assert not isinstance(info.value, BaseExceptionGroup)
+    assert body_cancelled
