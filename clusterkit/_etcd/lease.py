@@ -62,6 +62,10 @@ class LeaseKeepAliveHub:
             "stream_open": int(self._stream is not None),
         }
 
+    def warm(self) -> None:
+        """Open the stream now (see EtcdClient.open_streams)."""
+        self._ensure_stream()
+
     async def keepalive(self, lease_id: int, timeout: float) -> KeepAlive:
         await trio.lowlevel.checkpoint_if_cancelled()
         stream = self._ensure_stream()

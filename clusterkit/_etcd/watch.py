@@ -172,6 +172,10 @@ class WatchHub:
     def statistics(self) -> dict[str, int]:
         return {"watches": len(self._watches), "stream_open": int(self._stream is not None)}
 
+    def warm(self) -> None:
+        """Open the stream now (it stays open with no watches; see EtcdClient.open_streams)."""
+        self._ensure_stream()
+
     def release(self, n: int) -> None:
         if n and self._stream is not None:
             self._stream.release(n)

@@ -32,6 +32,16 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+async def _wait_stopped(pid: int) -> None:
+    """Wait until the kernel reports the process as stopped (SIGSTOP delivered)."""
+    with trio.fail_after(5):
+        while True:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] in ("T", "t"):
+                    return
+            await trio.sleep(0.001)
+
+
 async def _wait_for_threads(expected: set[str], timeout: float = 10.0) -> set[str]:
     with trio.move_on_after(timeout):
         while {t.name for t in threading.enumerate()} - expected:
@@ -87,13 +97,15 @@ async def test_cancelling_a_task_mid_call_cancels_the_rpc(etcd_binary: str) -> N
             spy = _Spy(client.endpoints.current.kv.Range)
             server.member.pause()  # the call cannot complete
             try:
+                assert server.member.pid is not None
+                await _wait_stopped(server.member.pid)
                 start = trio.current_time()
                 with trio.move_on_after(0.2) as scope:
-                    await call_unary(spy, rpc_pb2.RangeRequest(key=b"k"), timeout=30)
-                assert scope.cancelled_caught
+                    result = await call_unary(spy, rpc_pb2.RangeRequest(key=b"k"), timeout=30)
+                assert scope.cancelled_caught, f"the call returned {result!r}"
                 assert trio.current_time() - start < 1.0  # not the 30 s deadline
                 (future,) = spy.futures
-                assert future.cancelled()
+                assert future.cancelled(), (future.done(), future.exception())
             finally:
                 server.member.resume()
             assert (await client.get("k")) is None  # the client still works
