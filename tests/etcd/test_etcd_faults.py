@@ -22,23 +22,24 @@ from clusterkit._etcd.pb.etcdserverpb import rpc_pb2
 from clusterkit.etcd import EtcdProcess
 
 
+def _state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T, Z, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers kill(0); it is reaped by its parent.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
+    return _state(pid) != "Z"  # a zombie still answers kill(0); its parent reaps it
 
 
 async def _wait_stopped(pid: int) -> None:
     """Wait until the kernel reports the process as stopped (SIGSTOP delivered)."""
     with trio.fail_after(5):
-        while True:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] in ("T", "t"):
-                    return
+        while _state(pid) not in ("T", "t"):
             await trio.sleep(0.001)
 
 
