@@ -31,9 +31,9 @@ def _state(pid: int) -> str:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return _state(pid) != "Z"  # a zombie still answers kill(0); its parent reaps it
+        return _state(pid) != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False  # a zombie still answers kill(0); its parent reaps it
 
 
 async def _wait_stopped(pid: int) -> None:
