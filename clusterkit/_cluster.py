@@ -25,17 +25,30 @@ import mmh3
 import trio
 
 from ._actors.cell import Latest
-from ._actors.membership import Leave, MembershipActor, MembershipMessage, Session
+from ._actors.events import EventHub, EventStream
+from ._actors.membership import Drain, Leave, MembershipActor, MembershipMessage, Session
+from ._actors.partitions import Leadership, PartitionContext, PartitionSupervisor
 from ._actors.rebalancer import RebalancerActor
 from ._actors.watcher import WatcherActor
 from ._config import Config
 from ._core.keys import KeyLayout
 from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView
+from ._errors import LeadershipLost, NotLeader
 from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import free_port, open_embedded_etcd
 
 LEAVE_TIMEOUT = 5.0
+
+
+def leader_margin(session_ttl: float) -> float:
+    """How long before the local lease deadline a leader steps down (self-fencing).
+
+    The local deadline is already early (it counts from when the keepalive was *sent*); the
+    margin absorbs clock-rate differences and scheduling delay: a tenth of the TTL, at most
+    half a second.
+    """
+    return min(0.5, session_ttl / 10)
 
 
 class ClusterKit:
@@ -55,6 +68,9 @@ class ClusterKit:
         session: Latest[Session | None],
         connected: Latest[bool],
         membership: trio.MemorySendChannel[MembershipMessage],
+        leadership: Leadership,
+        events: EventHub,
+        margin: float,
     ) -> None:
         self.config = config
         self.etcd = etcd
@@ -70,6 +86,9 @@ class ClusterKit:
         self._mmh3 = mmh3.hash
         self._mine_view: ClusterView | None = None
         self._mine: frozenset[int] = frozenset()
+        self._leadership = leadership
+        self._events = events
+        self._margin = margin
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -166,15 +185,94 @@ class ClusterKit:
             for a in self._actors
         }
 
+    # -- leaders -------------------------------------------------------------------------
+
+    def get_leader(self, partition: int) -> Node | None:
+        """The node holding ``partition``'s leader key in the current view (None: no leader).
+
+        Another node's leadership is as fresh as this node's view; to act *as* the leader,
+        use :meth:`is_leader` / :meth:`leadership`, which fence on this node's own lease.
+        """
+        owner = self._views.value.leaders.get(partition)
+        if owner is None:
+            return None
+        view = self._views.value
+        return view.nodes.get(owner.node_id) or Node(owner.node_id, "", state="gone")
+
+    def leader_epoch(self, partition: int) -> int | None:
+        """The fencing epoch of ``partition``'s current leader: its key's create_revision.
+
+        Strictly increasing per partition; stamp writes with it so replicas can refuse a
+        stale leader. None while the partition has no leader.
+        """
+        owner = self._views.value.leaders.get(partition)
+        return owner.create_revision if owner is not None else None
+
+    def is_leader(self, partition: int) -> bool:
+        """True only while this node leads ``partition`` and is sure its lease is alive.
+
+        Compares the clock with the session's local deadline (minus a margin) on every call,
+        so a node waking from a long pause never answers True from stale state.
+        """
+        if partition not in self._leadership.epochs:
+            return False
+        session = self._session.value
+        return session is not None and trio.current_time() < session.deadline - self._margin
+
+    @asynccontextmanager
+    async def leadership(self, partition: int) -> AsyncIterator[int]:
+        """Run leader work inside a cancel scope that ends with the leadership.
+
+        Yields:
+            The fencing epoch.
+
+        Raises:
+            NotLeader: this node does not lead ``partition`` now.
+            LeadershipLost: leadership ended during the block, which was cancelled.
+        """
+        if not self.is_leader(partition):
+            raise NotLeader(f"{self.node_id} does not lead partition {partition}")
+        epoch = self._leadership.epochs[partition]
+        session = self._session.value
+        assert session is not None
+        with trio.CancelScope(deadline=session.deadline - self._margin) as scope:
+            self._leadership.scopes.setdefault(partition, set()).add(scope)
+            try:
+                yield epoch
+            finally:
+                self._leadership.scopes.get(partition, set()).discard(scope)
+        if scope.cancelled_caught:
+            raise LeadershipLost(f"{self.node_id} lost partition {partition} (epoch {epoch})")
+
+    def events(self) -> EventStream:
+        """Subscribe to this node's events (the same stream the hooks see).
+
+        Use ``async with ck.events() as stream: async for ev in stream: ...``; a plain
+        ``async for ev in ck.events()`` works too. A subscriber more than 10,000 events
+        behind is dropped with :class:`EventStreamOverflow`.
+        """
+        return self._events.subscribe()
+
     # -- leaving -------------------------------------------------------------------------
 
-    async def leave(self) -> None:
-        """Leave the cluster now: revoke the session so the others see it at once.
+    async def leave(self, *, drain: bool = False) -> None:
+        """Leave the cluster: revoke the session so the others see it at once.
 
-        Idempotent. Errors are logged, not raised; bounded by a few seconds.
+        Args:
+            drain: first hand every partition off (two-phase: the new replicas pull the data
+                and become ready) and only then leave. Bound it with ``trio.fail_after``.
+
+        Idempotent. Errors are logged, not raised; the final revoke is bounded by a few
+        seconds.
         """
         if self._left:
             return
+        if drain:
+            done = trio.Event()
+            await self._membership.send(Drain(done))
+            await done.wait()
+            me = self.node_id
+            await self._views.wait_for(lambda v: v.map is not None and me not in v.map.node_ids())
         self._left = True
         done = trio.Event()
         with trio.move_on_after(LEAVE_TIMEOUT) as scope:
@@ -250,12 +348,41 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
             membership = MembershipActor(etcd, config, layout, node, session, receive)
             watcher = WatcherActor(etcd, config, layout, views, connected)
             rebalancer = RebalancerActor(etcd, config, layout, node.id, session, views)
+            hub = EventHub()
+            leaders = Leadership()
+            margin = leader_margin(config.session_ttl)
+            partitions = PartitionSupervisor(
+                PartitionContext(
+                    config=config,
+                    client=etcd,
+                    layout=layout,
+                    node_id=node.id,
+                    session=session,
+                    leadership=leaders,
+                    limiter=trio.CapacityLimiter(config.hook_concurrency),
+                    emit=hub.emit,
+                    margin=margin,
+                ),
+                views,
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
                 await nursery.start(rebalancer.run)
-                ck = ClusterKit(config, etcd, membership.node, views, session, connected, send)
-                ck._actors = [membership, watcher, rebalancer]
+                await nursery.start(partitions.run)
+                ck = ClusterKit(
+                    config,
+                    etcd,
+                    membership.node,
+                    views,
+                    session,
+                    connected,
+                    send,
+                    leaders,
+                    hub,
+                    margin,
+                )
+                ck._actors = [membership, watcher, rebalancer, partitions]
                 try:
                     yield ck
                 except BaseException as exc:
@@ -263,6 +390,7 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
                     raise
                 finally:
                     ck._left = True
+                    hub.close()
                     nursery.cancel_scope.cancel()
                     with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT):
                         await membership.close()

@@ -76,6 +76,7 @@ class Config:
         etcd_request_timeout: deadline of each etcd call. Default 5.
         embedded_etcd_binary: etcd binary for the embedded etcd (default: see README).
         embedded_etcd_dir: data directory for the embedded etcd (default: temporary).
+        hook_concurrency: hooks of different partitions that may run at once. Default 16.
     """
 
     node_id: str
@@ -108,6 +109,7 @@ class Config:
     etcd_request_timeout: float = 5.0
     embedded_etcd_binary: str | None = None
     embedded_etcd_dir: str | None = None
+    hook_concurrency: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not valid_node_id(self.node_id):
@@ -160,6 +162,12 @@ class Config:
             isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
         ):
             raise ConfigError("metadata", "must map strings to strings")
+        if (
+            not isinstance(self.hook_concurrency, int)
+            or isinstance(self.hook_concurrency, bool)
+            or self.hook_concurrency < 1
+        ):
+            raise ConfigError("hook_concurrency", "must be an integer >= 1")
         _positive("etcd_dial_timeout", self.etcd_dial_timeout)
         _positive("etcd_request_timeout", self.etcd_request_timeout)
         if self.etcd_endpoints:

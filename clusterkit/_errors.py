@@ -8,6 +8,9 @@ catch the whole library with one ``except``. The tree::
     ├── EmbeddedEtcdError           the embedded etcd could not be found or started
     ├── NodeIdConflict              another live node already uses this node id
     ├── ClusterMismatch             the stored cluster has another P or R than this node
+    ├── EventStreamOverflow         an events() subscriber fell too far behind
+    ├── NotLeader                   this node does not lead the partition
+    │   └── LeadershipLost          leadership ended inside ``async with ck.leadership(pt)``
     └── EtcdError                   a call to etcd failed
         ├── EtcdUnavailable         no etcd endpoint answered (connection refused, no leader, ...)
         ├── EtcdTimeout             the call's deadline passed
@@ -53,6 +56,19 @@ class NodeIdConflict(ClusterKitError):
 
 class ClusterMismatch(ClusterKitError):
     """The cluster stored in etcd has other fixed parameters (P, R) than this node's config."""
+
+
+class EventStreamOverflow(ClusterKitError):
+    """An ``events()`` subscriber fell too far behind and was dropped."""
+
+
+class NotLeader(ClusterKitError):
+    """This node does not lead the partition (or no longer does)."""
+
+
+class LeadershipLost(NotLeader):
+    """Leadership ended while the ``async with ck.leadership(pt)`` block was running; the
+    block was cancelled."""
 
 
 class EtcdError(ClusterKitError):

@@ -61,7 +61,14 @@ class Leave:
     done: trio.Event
 
 
-MembershipMessage = Leave
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Mark this node ``draining`` so the coordinator moves its partitions away."""
+
+    done: trio.Event
+
+
+MembershipMessage = Leave | Drain
 
 
 class MembershipActor:
@@ -236,6 +243,20 @@ class MembershipActor:
         match message:
             case Leave(done=done):
                 await self.close()
+                done.set()
+            case Drain(done=done):
+                # Every later (re)registration carries the draining state too.
+                self.node = replace(self.node, state="draining")
+                session = self.session.value
+                if session is not None:
+                    try:
+                        await self._client.put(
+                            self._layout.node(self.node.id),
+                            encode_node(self.node),
+                            lease=session.lease_id,
+                        )
+                    except EtcdError as exc:
+                        self._log.warning("clusterkit %s: drain: %s", self.node.id, exc)
                 done.set()
 
     async def close(self) -> None:

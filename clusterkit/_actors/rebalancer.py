@@ -24,10 +24,10 @@ from __future__ import annotations
 import trio
 
 from .._config import Config
-from .._core.assignment import assign
 from .._core.debounce import Debouncer
+from .._core.handoff import Plan, commit_ready, plan
 from .._core.keys import KeyLayout
-from .._core.records import MapRecord, encode_map
+from .._core.records import encode_map
 from .._core.view import ClusterView
 from .._errors import ClusterMismatch, EtcdError
 from .._etcd.client import EtcdClient
@@ -171,45 +171,82 @@ class RebalancerActor:
             self.term = kvs[0].create_revision  # our own key from this session
 
     async def _maybe_rebalance(self, view: ClusterView) -> float | None:
-        """Write a new map if one is due; return the deadline of a pending one."""
+        """Write a new map if one is due; return the deadline of a pending one.
+
+        Membership changes are debounced and then re-planned in full; ready markers of
+        joining replicas are committed at once while the membership is settled.
+        """
         cfg = self._config
-        active = view.active_node_ids()
-        satisfied = view.converged(cfg.replica_factor) or not active
+        alive = frozenset(view.nodes)
+        draining = view.draining_node_ids()
+        placeable = alive - draining
         now = trio.current_time()
-        deadline = self._debounce.observe(active, satisfied, now)
-        if deadline is None or now < deadline:
+        deadline = self._debounce.observe(placeable, _covers(view, placeable, cfg), now)
+        if deadline is None:
+            if view.map is None or not view.map.pending:
+                return None
+            step = commit_ready(view.map, alive, view.ready)
+            if step is None:
+                return None
+        elif now < deadline:
             return deadline
-        assert self.term is not None
-        previous = view.map.as_assignment() if view.map is not None else None
-        args = (previous, sorted(active), cfg.partitions, cfg.replica_factor)
-        if cfg.partitions * cfg.replica_factor <= INLINE_ASSIGN_LIMIT:
-            replicas = assign(*args)  # a few ms at most
         else:
-            # Up to ~1 s for P = 65536, N = 1000: off the Trio thread, so keepalives and
-            # routing views keep flowing meanwhile (the GIL is released every few ms).
-            replicas = await trio.to_thread.run_sync(assign, *args)
-        record = MapRecord(
-            version=(view.map.version + 1) if view.map is not None else 1,
-            partitions=cfg.partitions,
-            replica_factor=cfg.replica_factor,
-            replicas=tuple(replicas[pt] for pt in range(cfg.partitions)),
-        )
+            args = (view.map, alive, draining, view.ready, cfg.partitions, cfg.replica_factor)
+            if cfg.partitions * cfg.replica_factor <= INLINE_ASSIGN_LIMIT:
+                step = plan(*args)  # a few ms at most
+            else:
+                # Up to ~1 s for P = 65536, N = 1000: off the Trio thread, so keepalives and
+                # routing views keep flowing meanwhile (the GIL is released every few ms).
+                step = await trio.to_thread.run_sync(plan, *args)
+            if not step.changed(view.map):
+                self._debounce.done()
+                return None
+        return await self._write(view, step, now)
+
+    async def _write(self, view: ClusterView, step: Plan, now: float) -> float | None:
+        assert self.term is not None
+        record = step.record
         txn = await self._client.txn(
             [
                 Compare.create_revision(self._layout.coordinator, "=", self.term),
                 Compare.mod_revision(self._layout.map, "=", view.map_revision),
             ],
-            [Op.put(self._layout.map, encode_map(record))],
+            [
+                Op.put(self._layout.map, encode_map(record)),
+                *(Op.delete(self._layout.ready(pt, n)) for pt, n in step.stale_ready),
+            ],
         )
         if txn.succeeded:
             self.maps_written += 1
             self._debounce.done()
             self._log.info(
-                "clusterkit %s: wrote map v%d for %d nodes",
+                "clusterkit %s: wrote map v%d (%d nodes, %d moves pending, %d committed)",
                 self._node_id,
                 record.version,
-                len(active),
+                len(record.node_ids()),
+                len(record.pending),
+                len(step.committed),
             )
             return None
         self._log.info("clusterkit %s: map write lost a race; re-reading", self._node_id)
         return now + 0.05
+
+
+def _covers(view: ClusterView, placeable: frozenset[str], cfg: Config) -> bool:
+    """True when the stored map already plans for exactly ``placeable`` (nothing to re-plan)."""
+    record = view.map
+    if not placeable:
+        return True
+    if record is None:
+        return False
+    want = min(cfg.replica_factor, len(placeable))
+    alive = view.nodes
+    for pt, row in enumerate(record.replicas):
+        intended = record.pending.get(pt, row)
+        if len(intended) != want or any(n not in placeable for n in intended):
+            return False
+        if any(n not in alive for n in row):
+            return False  # a committed replica died: re-plan now
+    return record.node_ids() - placeable <= frozenset(view.draining_node_ids()) and all(
+        any(n in r for r in (*record.replicas, *record.pending.values())) for n in placeable
+    )

@@ -126,22 +126,24 @@ class MapRecord:
         version: increases by one with every map the coordinators write.
         partitions: P, fixed for the cluster's life.
         replica_factor: R, fixed for the cluster's life.
-        replicas: per partition, the ordered replica ids (preferred leader first).
-        joining: per partition, replicas added but not yet ready (two-phase handoff).
+        replicas: per partition, the committed replica ids (preferred leader first): the
+            nodes that hold the partition's data and serve it.
+        pending: per partition with a move in flight, the row it moves to; its nodes that are
+            not committed yet are *joining* (two-phase handoff, see ``handoff.py``).
     """
 
     version: int
     partitions: int
     replica_factor: int
     replicas: tuple[tuple[str, ...], ...]
-    joining: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    pending: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
     def node_ids(self) -> frozenset[str]:
         """Every node that holds at least one replica."""
         ids: set[str] = set()
         for row in self.replicas:
             ids.update(row)
-        for row in self.joining.values():
+        for row in self.pending.values():
             ids.update(row)
         return frozenset(ids)
 
@@ -161,7 +163,7 @@ def encode_map(record: MapRecord) -> bytes:
             "replica_factor": record.replica_factor,
             "nodes": table,
             "replicas": [[index[n] for n in row] for row in record.replicas],
-            "joining": {str(pt): [index[n] for n in row] for pt, row in record.joining.items()},
+            "pending": {str(pt): [index[n] for n in row] for pt, row in record.pending.items()},
         },
         separators=(",", ":"),
     ).encode()
@@ -198,12 +200,14 @@ def decode_map(value: bytes) -> MapRecord:
     replicas = tuple(_row(row, table, f"replicas[{i}]") for i, row in enumerate(rows))
     if any(len(row) > r for row in replicas):
         raise RecordError("a partition has more replicas than replica_factor")
-    joining_obj = obj.get("joining", {})
-    if not isinstance(joining_obj, dict):
-        raise RecordError("partition map joining must be an object")
-    joining: dict[int, tuple[str, ...]] = {}
-    for key, row in joining_obj.items():
+    pending_obj = obj.get("pending", {})
+    if not isinstance(pending_obj, dict):
+        raise RecordError("partition map pending must be an object")
+    pending: dict[int, tuple[str, ...]] = {}
+    for key, row in pending_obj.items():
         if not key.isdigit() or int(key) >= p:
-            raise RecordError(f"partition map joining has a bad partition {key!r}")
-        joining[int(key)] = _row(row, table, f"joining[{key}]")
-    return MapRecord(version, p, r, replicas, joining)
+            raise RecordError(f"partition map pending has a bad partition {key!r}")
+        pending[int(key)] = _row(row, table, f"pending[{key}]")
+        if len(pending[int(key)]) > r:
+            raise RecordError("a pending row has more replicas than replica_factor")
+    return MapRecord(version, p, r, replicas, pending)

@@ -61,10 +61,15 @@ class ClusterView:
         """Registered nodes in state ``active`` (the ones the map should cover)."""
         return frozenset(nid for nid, n in self.nodes.items() if n.state == "active")
 
+    def draining_node_ids(self) -> frozenset[str]:
+        """Registered nodes that are leaving with ``drain=True``."""
+        return frozenset(nid for nid, n in self.nodes.items() if n.state == "draining")
+
     def converged(self, replica_factor: int) -> bool:
-        """True when the stored map covers exactly the active nodes, fully replicated."""
+        """True when the stored map covers exactly the active nodes, fully replicated, with
+        no move in flight."""
         active = self.active_node_ids()
-        if self.map is None or not active:
+        if self.map is None or not active or self.map.pending:
             return False
         want = min(replica_factor, len(active))
         return self.map.node_ids() == active and all(len(row) == want for row in self.map.replicas)

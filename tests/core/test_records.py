@@ -107,7 +107,7 @@ def test_big_map_fits_etcd_request_limit() -> None:
             "replica_factor": 1,
             "nodes": ["a"],
             "replicas": [[0]],
-            "joining": {"5": [0]},
+            "pending": {"5": [0]},
         },
         {
             "format": 1,

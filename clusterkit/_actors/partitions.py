@@ -1,0 +1,455 @@
+"""Partition actors: per partition, the app's hooks in order, readiness, and leadership.
+
+Theory of operation
+-------------------
+The :class:`PartitionSupervisor` watches the views and starts one :class:`PartitionActor` for
+every partition in which this node has a role (joining or replica). It pokes an actor (by
+setting its own view cell) only when something about that partition changed, so a node with
+thousands of partitions does not wake thousands of tasks per view.
+
+A partition actor does everything for its partition *sequentially*, which is what makes the
+hook grammar hold (``assigned -> (leader_elected -> leader_lost)* -> unassigned``, never
+overlapping for one partition):
+
+1. Hooks: :func:`~clusterkit._core.hookplan.transition` turns role changes into calls.
+   ``on_partition_assigned`` is retried with backoff until it succeeds (or the role goes
+   away); the other hooks are logged and counted when they raise.
+2. Readiness: a joining replica whose assigned hook returned writes ``P/ready/<pt>/<id>``
+   under its session lease (again after every rejoin: the marker dies with the lease). The
+   coordinator commits the move only when every joining replica is ready.
+3. Leadership, for committed replicas whose assigned hook completed. The preferred replica
+   (first in the row) campaigns at once when there is no leader key; replica k waits
+   ``k x stagger`` first, and only campaigns if there is still none. A campaign is a Txn that
+   creates ``P/leaders/<pt>`` under the session lease; the key's create_revision is the
+   fencing epoch. The win is confirmed by reading the key back before ``is_leader`` turns
+   true and ``on_leader_elected`` runs.
+   A leader steps down — ``is_leader`` false first, then ``on_leader_lost``, then (if etcd
+   can still be reached) a Txn that deletes the key only if its create_revision is still our
+   epoch — when its session's local deadline minus a margin passes (self-fencing: before
+   etcd can expire the lease and let another node win), when the key is gone or someone
+   else's, when it is no longer a replica, and, gracefully, when the preferred replica is
+   alive again (preferred-leader balance).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .._config import Config
+from .._core.hookplan import HookCall, Role, Track, leadership, role_of, transition
+from .._core.keys import KeyLayout
+from .._core.records import Node
+from .._core.view import EMPTY_VIEW, ClusterView
+from .._errors import EtcdError
+from .._etcd.client import EtcdClient
+from .._etcd.types import Compare, Op
+from .._events import (
+    ClusterEvent,
+    LeaderElected,
+    LeaderLost,
+    PartitionAssigned,
+    PartitionUnassigned,
+    ReplicaAdded,
+    ReplicaRemoved,
+)
+from .cell import Latest
+from .membership import Session
+
+STAGGER = 0.05  # seconds per rank before a non-preferred replica campaigns
+RETRY_MIN, RETRY_MAX = 0.1, 5.0
+
+
+@dataclass
+class Leadership:
+    """What the node leads right now; read by ``ClusterKit.is_leader`` on every call."""
+
+    epochs: dict[int, int] = field(default_factory=dict)
+    scopes: dict[int, set[trio.CancelScope]] = field(default_factory=dict)
+
+    def end(self, partition: int) -> int | None:
+        epoch = self.epochs.pop(partition, None)
+        for scope in self.scopes.pop(partition, set()):
+            scope.cancel()
+        return epoch
+
+
+@dataclass
+class PartitionContext:
+    """What every partition actor of a node shares (read-only for them, but the counters)."""
+
+    config: Config
+    client: EtcdClient
+    layout: KeyLayout
+    node_id: str
+    session: Latest[Session | None]
+    leadership: Leadership
+    limiter: trio.CapacityLimiter
+    emit: Callable[[ClusterEvent], None]
+    margin: float
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+
+def _node(view: ClusterView, node_id: str | None) -> Node | None:
+    if node_id is None:
+        return None
+    return view.nodes.get(node_id) or view.departed.get(node_id) or Node(node_id, "", state="gone")
+
+
+def _previous_owner(view: ClusterView, pt: int, me: str, role: Role) -> str | None:
+    """Who holds the data: the leader, else (for a joining replica) a live committed one.
+
+    A replica committed at once (cold start, or every old replica gone) has nobody to pull
+    from unless a leader exists: None.
+    """
+    owner = view.leaders.get(pt)
+    if owner is not None and owner.node_id != me and owner.node_id in view.nodes:
+        return owner.node_id
+    if view.map is None or role is not Role.JOINING:
+        return None
+    for n in view.map.replicas[pt]:
+        if n != me and n in view.nodes:
+            return n
+    return None
+
+
+def _new_owner(view: ClusterView, pt: int, me: str) -> str | None:
+    if view.map is None:
+        return None
+    row = view.map.pending.get(pt) or view.map.replicas[pt]
+    return next((n for n in row if n != me), None)
+
+
+class PartitionActor:
+    """Hooks, readiness and leadership of one partition on this node."""
+
+    def __init__(self, pt: int, ctx: PartitionContext, views: Latest[ClusterView]) -> None:
+        self.pt = pt
+        self._ctx = ctx
+        self._views = views
+        self._track = Track()
+        self._epoch: int | None = None
+        self._ready_generation = -1
+        self._no_leader_since: float | None = None
+        self._me = ctx.node_id
+        self._key = ctx.layout.leader(pt)
+
+    def __repr__(self) -> str:
+        return f"<PartitionActor {self.pt} {self._track.role.value} epoch={self._epoch}>"
+
+    async def run(self) -> None:
+        version = -1
+        try:
+            while True:
+                view, version = self._views.value, self._views.version
+                wake = await self._step(view)
+                if self._track.role is Role.NONE and self._epoch is None:
+                    return
+                with trio.move_on_at(wake if wake is not None else float("inf")):
+                    await _wait_any(self._views, version, self._ctx.session)
+        finally:
+            if self._epoch is not None:
+                self._ctx.leadership.end(self.pt)
+
+    async def _step(self, view: ClusterView) -> float | None:
+        pt, me = self.pt, self._me
+        role = role_of(view.map, pt, me)
+        if role is Role.NONE and self._epoch is not None:
+            await self._step_down(view, resign=True)
+        row = view.map.replicas[pt] if view.map is not None else ()
+        self._track, calls = transition(
+            self._track,
+            role,
+            [n for n in row if n != me],
+            partition=pt,
+            previous_owner=_previous_owner(view, pt, me, role),
+            new_owner=_new_owner(view, pt, me),
+        )
+        for call in calls:
+            if call.hook == "assigned":
+                if not await self._assigned(call, view):
+                    self._track = Track()  # role went away before the hook succeeded
+                    return None
+            else:
+                await self._call(call, view)
+        if role is Role.JOINING:
+            return await self._mark_ready()
+        if role is Role.REPLICA and view.map is not None:
+            return await self._lead(view, row)
+        return None
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    async def _assigned(self, call: HookCall, view: ClusterView) -> bool:
+        """Run on_partition_assigned until it succeeds; False if the role went away first."""
+        backoff = RETRY_MIN
+        while True:
+            if await self._call(call, view):
+                return True
+            with trio.move_on_after(backoff):
+                await self._views.wait_for(lambda v: role_of(v.map, self.pt, self._me) is Role.NONE)
+                return False
+            backoff = min(backoff * 2, RETRY_MAX)
+
+    async def _call(self, call: HookCall, view: ClusterView) -> bool:
+        pt = call.partition
+        event: ClusterEvent
+        match call.hook:
+            case "assigned":
+                event = PartitionAssigned(pt, _node(view, call.node))
+                args: tuple[Any, ...] = (pt, event.previous_owner)
+            case "unassigned":
+                event = PartitionUnassigned(pt, _node(view, call.node))
+                args = (pt, event.new_owner)
+            case "replica_added":
+                node = _node(view, call.node)
+                assert node is not None
+                event, args = ReplicaAdded(pt, node), (pt, node)
+            case "replica_removed":
+                node = _node(view, call.node)
+                assert node is not None
+                event, args = ReplicaRemoved(pt, node), (pt, node)
+            case _:
+                raise AssertionError(call)
+        return await self._run_hook(f"on_{_HOOK_NAMES[call.hook]}", args, event)
+
+    async def _run_hook(self, name: str, args: tuple[Any, ...], event: ClusterEvent) -> bool:
+        ctx = self._ctx
+        hook = getattr(ctx.config, name)
+        if hook is not None:
+            try:
+                async with ctx.limiter:
+                    result = hook(*args)
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception:
+                ctx.count(f"{name}_errors")
+                ctx.config.log.exception("clusterkit %s: %s%r raised", self._me, name, args)
+                return False
+        ctx.count(name)
+        ctx.emit(event)
+        return True
+
+    # -- readiness -----------------------------------------------------------------------
+
+    async def _mark_ready(self) -> float | None:
+        session = self._ctx.session.value
+        if session is None or session.generation == self._ready_generation:
+            return None
+        try:
+            await self._ctx.client.put(
+                self._ctx.layout.ready(self.pt, self._me), "1", lease=session.lease_id
+            )
+            self._ready_generation = session.generation
+            return None
+        except EtcdError as exc:
+            self._ctx.config.log.info("clusterkit: ready marker for %d: %s", self.pt, exc)
+            return trio.current_time() + RETRY_MIN
+
+    # -- leadership ----------------------------------------------------------------------
+
+    async def _lead(self, view: ClusterView, row: tuple[str, ...]) -> float | None:
+        ctx, pt, me = self._ctx, self.pt, self._me
+        session = ctx.session.value
+        owner = view.leaders.get(pt)
+        now = trio.current_time()
+        if self._epoch is not None:
+            fence_at = session.deadline - ctx.margin if session is not None else now
+            gone = view.revision >= self._epoch and (
+                owner is None or owner.create_revision != self._epoch
+            )
+            if session is None or now >= fence_at or gone:
+                await self._step_down(
+                    view, resign=not gone and session is not None and now < fence_at
+                )
+                return None
+            preferred = row[0]
+            if (
+                preferred != me
+                and view.nodes.get(preferred, None) is not None
+                and (view.nodes[preferred].state == "active")
+            ):
+                ctx.count("handovers")
+                await self._step_down(view, resign=True)
+                return None
+            return fence_at
+        if session is None or not self._track.assigned:
+            return None
+        if owner is not None:
+            self._no_leader_since = None
+            if owner.node_id == me and owner.lease == session.lease_id:
+                await self._confirm(owner.create_revision, view)  # ours, from this session
+            return None
+        if me not in row:
+            return None
+        rank = row.index(me)
+        if self._no_leader_since is None:
+            self._no_leader_since = now
+        campaign_at = self._no_leader_since + rank * STAGGER
+        if now < campaign_at:
+            return campaign_at
+        await self._campaign(session, view)
+        return None
+
+    async def _campaign(self, session: Session, view: ClusterView) -> None:
+        ctx = self._ctx
+        ctx.count("campaigns")
+        try:
+            txn = await ctx.client.txn(
+                [Compare.create_revision(self._key, "=", 0)],
+                [Op.put(self._key, self._me, lease=session.lease_id)],
+            )
+        except EtcdError as exc:
+            ctx.config.log.info("clusterkit: campaign for %d failed: %s", self.pt, exc)
+            return
+        if txn.succeeded:
+            await self._confirm(txn.revision, view)
+
+    async def _confirm(self, epoch: int, view: ClusterView) -> None:
+        ctx = self._ctx
+        try:
+            kv = await ctx.client.get(self._key)
+        except EtcdError:
+            return
+        if (
+            kv is None
+            or kv.create_revision != epoch
+            or kv.value.decode(errors="replace") != self._me
+        ):
+            return
+        session = ctx.session.value
+        if session is None or kv.lease != session.lease_id:
+            return
+        if trio.current_time() >= session.deadline - ctx.margin:
+            return
+        self._track, calls = leadership(self._track, True, self.pt)
+        if not calls:
+            return
+        self._epoch = epoch
+        ctx.leadership.epochs[self.pt] = epoch
+        ctx.count("elections")
+        if not await self._run_hook("on_leader_elected", (self.pt,), LeaderElected(self.pt, epoch)):
+            await self._step_down(view, resign=True)
+
+    async def _step_down(self, view: ClusterView, *, resign: bool) -> None:
+        ctx = self._ctx
+        epoch = self._epoch
+        if epoch is None:
+            return
+        self._epoch = None
+        ctx.leadership.end(self.pt)  # is_leader is false from here on
+        self._track, _ = leadership(self._track, False, self.pt)
+        await self._run_hook("on_leader_lost", (self.pt,), LeaderLost(self.pt, epoch))
+        if resign:
+            try:
+                await ctx.client.txn(
+                    [Compare.create_revision(self._key, "=", epoch)], [Op.delete(self._key)]
+                )
+            except EtcdError as exc:
+                ctx.config.log.info("clusterkit: resigning %d failed: %s", self.pt, exc)
+
+
+_HOOK_NAMES = {
+    "assigned": "partition_assigned",
+    "unassigned": "partition_unassigned",
+    "replica_added": "replica_added",
+    "replica_removed": "replica_removed",
+}
+
+
+async def _wait_any(views: Latest[ClusterView], version: int, session: Latest[Any]) -> None:
+    """Return when the partition's view or the session changes."""
+    async with trio.open_nursery() as nursery:
+
+        async def view_changed() -> None:
+            await views.wait_newer(version)
+            nursery.cancel_scope.cancel()
+
+        async def session_changed() -> None:
+            await session.wait_newer(session.version)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(view_changed)
+        nursery.start_soon(session_changed)
+
+
+class PartitionSupervisor:
+    """Starts a :class:`PartitionActor` for each partition this node has a role in."""
+
+    def __init__(self, ctx: PartitionContext, views: Latest[ClusterView]) -> None:
+        self._ctx = ctx
+        self._views = views
+        self._cells: dict[int, Latest[ClusterView]] = {}
+        self._last: ClusterView = EMPTY_VIEW
+
+    def __repr__(self) -> str:
+        return f"<PartitionSupervisor partitions={len(self._cells)}>"
+
+    def statistics(self) -> dict[str, int]:
+        return {"partitions": len(self._cells), **self._ctx.counters}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            version = -1
+            while True:
+                view, version = await self._views.wait_newer(version)
+                self._dispatch(nursery, view)
+
+    def _dispatch(self, nursery: trio.Nursery, view: ClusterView) -> None:
+        last, self._last = self._last, view
+        me = self._ctx.node_id
+        touched: set[int] = set()
+        record, old = view.map, last.map
+        if record is not None:
+            if old is None or old.partitions != record.partitions:
+                touched.update(range(record.partitions))
+            else:
+                touched.update(
+                    pt for pt in range(record.partitions) if record.replicas[pt] != old.replicas[pt]
+                )
+                touched.update(set(record.pending) ^ set(old.pending))
+                touched.update(
+                    pt for pt in record.pending if record.pending[pt] != old.pending.get(pt)
+                )
+        touched.update(
+            pt
+            for pt in set(view.leaders) | set(last.leaders)
+            if view.leaders.get(pt) != last.leaders.get(pt)
+        )
+        if view.nodes != last.nodes:
+            touched.update(self._cells)  # peers' records or liveness changed
+        for pt in touched:
+            cell = self._cells.get(pt)
+            if cell is not None:
+                cell.set(view)
+            elif role_of(record, pt, me) is not Role.NONE:
+                self._start(nursery, pt, view)
+
+    def _start(self, nursery: trio.Nursery, pt: int, view: ClusterView) -> None:
+        cell: Latest[ClusterView] = Latest(view, f"partition {pt}")
+        self._cells[pt] = cell
+        actor = PartitionActor(pt, self._ctx, cell)
+
+        async def run() -> None:
+            try:
+                await actor.run()
+            finally:
+                if self._cells.get(pt) is cell:
+                    del self._cells[pt]
+            # The role may have come back while the actor was finishing.
+            latest = self._last
+            if (
+                pt not in self._cells
+                and role_of(latest.map, pt, self._ctx.node_id) is not Role.NONE
+            ):
+                self._start(nursery, pt, latest)
+
+        nursery.start_soon(run)
