@@ -29,6 +29,7 @@ from ._errors import (
     PreconditionFailed,
     ResourceExhausted,
     RevisionCompacted,
+    WatchOverflow,
 )
 from ._etcd.channel import EtcdConfig
 from ._etcd.client import EtcdClient, open_etcd_client
@@ -78,6 +79,7 @@ __all__ = [
     "ReplicaRemoved",
     "ResourceExhausted",
     "RevisionCompacted",
+    "WatchOverflow",
     "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",

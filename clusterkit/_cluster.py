@@ -285,6 +285,17 @@ class ClusterKit:
             self.config.log.warning("clusterkit %s: leave did not finish in time", self.node_id)
 
 
+def _contains(tree: BaseException, target: BaseException) -> bool:
+    """True when every leaf exception of ``target`` is among the leaves of ``tree``.
+
+    Leaves are compared by identity. Groups are not: Trio's cancel scopes rebuild the groups
+    an exception travels through (``split``), so the user's group object may come back as an
+    equal copy around the very same leaf exceptions.
+    """
+    leaves = _flatten(tree)
+    return all(any(leaf is mine for leaf in leaves) for mine in _flatten(target))
+
+
 def _flatten(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _flatten(sub)]
@@ -395,13 +406,12 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
                     with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT):
                         await membership.close()
     except BaseException as group:
-        leaves = _flatten(group)
-        if user_error is not None and any(leaf is user_error for leaf in leaves):
-            for leaf in leaves:
-                if leaf is not user_error and not isinstance(leaf, trio.Cancelled):
+        if user_error is not None and _contains(group, user_error):
+            for leaf in _flatten(group):
+                if not _contains(user_error, leaf) and not isinstance(leaf, trio.Cancelled):
                     config.log.error("clusterkit %s: while leaving: %r", config.node_id, leaf)
             raise user_error from None
-        real = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+        real = [leaf for leaf in _flatten(group) if not isinstance(leaf, trio.Cancelled)]
         if len(real) == 1 and isinstance(group, BaseExceptionGroup):
             raise real[0] from None
         raise

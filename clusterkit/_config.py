@@ -147,13 +147,23 @@ class Config:
             raise ConfigError(
                 "heartbeat_interval", "must be <= session_ttl / 2 (one lost keepalive is normal)"
             )
-        if not isinstance(self.rebalance_delay, int | float) or self.rebalance_delay < 0:
-            raise ConfigError("rebalance_delay", "must be a number of seconds >= 0")
+        if (
+            not isinstance(self.rebalance_delay, int | float)
+            or isinstance(self.rebalance_delay, bool)
+            or not math.isfinite(self.rebalance_delay)
+            or self.rebalance_delay < 0
+        ):
+            raise ConfigError("rebalance_delay", "must be a finite number of seconds >= 0")
         if self.rebalance_max_delay is None:
             object.__setattr__(self, "rebalance_max_delay", 4 * self.rebalance_delay)
         assert self.rebalance_max_delay is not None
-        if self.rebalance_max_delay < self.rebalance_delay:
-            raise ConfigError("rebalance_max_delay", "must be >= rebalance_delay")
+        if (
+            not isinstance(self.rebalance_max_delay, int | float)
+            or isinstance(self.rebalance_max_delay, bool)
+            or not math.isfinite(self.rebalance_max_delay)
+            or self.rebalance_max_delay < self.rebalance_delay
+        ):
+            raise ConfigError("rebalance_max_delay", "must be finite seconds >= rebalance_delay")
         for name in HOOK_NAMES:
             hook = getattr(self, name)
             if hook is not None and not callable(hook):

@@ -15,6 +15,7 @@ catch the whole library with one ``except``. The tree::
         ├── EtcdUnavailable         no etcd endpoint answered (connection refused, no leader, ...)
         ├── EtcdTimeout             the call's deadline passed
         ├── RevisionCompacted       the requested revision was compacted away
+        ├── WatchOverflow           a watch's consumer fell too far behind
         ├── PreconditionFailed      etcd refused the request in the state it is in
         ├── LeaseNotFound           the lease expired or was revoked
         ├── InvalidRequest          etcd rejected the request as malformed or too large
@@ -106,6 +107,11 @@ class RevisionCompacted(EtcdError):
     def __init__(self, details: str, *, compact_revision: int = 0, code: str | None = None):
         super().__init__(details, code=code)
         self.compact_revision = compact_revision
+
+
+class WatchOverflow(EtcdError):
+    """A watch's consumer fell too far behind; the watch was ended to protect the other
+    watches sharing its stream. Re-watch from the last event's revision + 1."""
 
 
 class PreconditionFailed(EtcdError):

@@ -237,3 +237,30 @@ async def test_a_failure_inside_clusterkit_is_raised_as_itself(
                 raise
     assert not isinstance(info.value, BaseExceptionGroup)
     assert body_cancelled
+
+
+async def test_a_users_exception_group_comes_back_as_it_was(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    group = ExceptionGroup("mine", [ValueError("a"), KeyError("b")])
+    with pytest.raises(ExceptionGroup) as info:
+        async with clusterkit.open_cluster(node_config("g", etcd.endpoints, prefix)):
+            raise group
+    assert info.value is group
+    single = ExceptionGroup("one", [ValueError("only")])
+    with pytest.raises(ExceptionGroup) as info2:
+        async with clusterkit.open_cluster(node_config("g", etcd.endpoints, prefix)):
+            raise single
+    assert info2.value is single
+
+
+async def test_a_foreign_coordinator_key_does_not_block_coordination(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, client: clusterkit.EtcdClient
+) -> None:
+    await client.put(f"{prefix.rstrip('/')}/coordinator", "")  # no lease, no node id
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, node_config("a", etcd.endpoints, prefix))
+        b = await start_node(nursery, node_config("b", etcd.endpoints, prefix))
+        await wait_converged([a, b])
+        assert a.ck.view.coordinator is not None
+        nursery.cancel_scope.cancel()

@@ -28,6 +28,7 @@ def test_defaults_follow_the_go_clusterkit() -> None:
     [
         ("node_id", ""),
         ("node_id", "has/slash"),
+        ("node_id", "trailing-newline\n"),
         ("advertise_addr", ""),
         ("http_port", 70000),
         ("http_port", -1),
@@ -44,6 +45,12 @@ def test_defaults_follow_the_go_clusterkit() -> None:
         ("heartbeat_interval", 9.0),
         ("heartbeat_interval", 0),
         ("rebalance_delay", -1),
+        ("rebalance_delay", float("nan")),
+        ("rebalance_delay", float("inf")),
+        ("rebalance_delay", True),
+        ("rebalance_max_delay", "soon"),
+        ("rebalance_max_delay", float("nan")),
+        ("hook_concurrency", 0),
         ("rebalance_max_delay", 1.0),
         ("on_leader_elected", "not callable"),
         ("metadata", {"k": 1}),
@@ -67,6 +74,14 @@ def test_etcd_settings_are_checked_in_pairs_and_secrets_hidden() -> None:
         node_id="n", etcd_endpoints=["127.0.0.1:1"], etcd_username="u", etcd_password="hunter2"
     )
     assert "hunter2" not in repr(cfg) and "hunter2" not in repr(cfg.etcd_config())
+
+
+def test_missing_tls_files_are_refused_up_front() -> None:
+    with pytest.raises(clusterkit.ConfigError) as info:
+        clusterkit.Config(
+            node_id="n", etcd_endpoints=["127.0.0.1:1"], etcd_ca_cert="/nonexistent/ca.pem"
+        )
+    assert info.value.field == "etcd_ca_cert"
 
 
 def test_config_error_is_a_value_error() -> None:

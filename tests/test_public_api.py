@@ -40,6 +40,7 @@ TOP_LEVEL = {
     "ReplicaRemoved",
     "ResourceExhausted",
     "RevisionCompacted",
+    "WatchOverflow",
     "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",

@@ -126,8 +126,10 @@ class MembershipActor:
 
     async def _join(self) -> None:
         await self._check_map()
-        lease = await self._client.lease_grant(math.ceil(self._config.session_ttl))
+        # etcd starts the lease's clock when it handles the grant, which is after we send
+        # it: counting from the send keeps the local deadline on the safe (early) side.
         granted_at = trio.current_time()
+        lease = await self._client.lease_grant(math.ceil(self._config.session_ttl))
         self._past_leases.add(lease.id)
         node = replace(self.node, started=time.time())
         key = self._layout.node(node.id)
@@ -180,8 +182,9 @@ class MembershipActor:
             )
 
     async def _rejoin(self) -> None:
+        """Join again with backoff; a Leave that arrives meanwhile ends it without joining."""
         backoff = 0.1
-        while True:
+        while not self.left:
             try:
                 await self._join()
                 return
@@ -189,7 +192,11 @@ class MembershipActor:
                 raise
             except EtcdError as exc:
                 self._log.info("clusterkit %s: rejoin failed (%s); retrying", self.node.id, exc)
-            await trio.sleep(backoff)
+            message = None
+            with trio.move_on_after(backoff):
+                message = await self._mailbox.receive()
+            if message is not None:
+                await self._handle(message)
             backoff = min(backoff * 2, 2.0)
 
     async def _revoke_quietly(self, lease_id: int) -> None:
@@ -208,8 +215,11 @@ class MembershipActor:
         while True:
             session = self.session.value
             assert session is not None
+            message = None
             with trio.move_on_at(min(next_beat, session.deadline)):
                 message = await self._mailbox.receive()
+            if message is not None:
+                # Handled outside the timed scope: a Leave must never be cut off halfway.
                 await self._handle(message)
                 if self.left:
                     return
@@ -266,8 +276,8 @@ class MembershipActor:
         """
         if self.left:
             return
-        self.left = True
         session = self.session.value
         self.session.set(None)
         if session is not None:
             await self._revoke_quietly(session.lease_id)
+        self.left = True  # only now: a close cut off by cancellation is retried

@@ -404,6 +404,8 @@ class PartitionSupervisor:
                 self._dispatch(nursery, view)
 
     def _dispatch(self, nursery: trio.Nursery, view: ClusterView) -> None:
+        if view.map is not None and view.map.partitions != self._ctx.config.partitions:
+            return  # a map of another cluster shape: the rebalancer refuses it (ClusterMismatch)
         last, self._last = self._last, view
         me = self._ctx.node_id
         touched: set[int] = set()

@@ -26,7 +26,7 @@ import trio
 from .._config import Config
 from .._core.debounce import Debouncer
 from .._core.handoff import Plan, commit_ready, plan
-from .._core.keys import KeyLayout
+from .._core.keys import KeyLayout, valid_node_id
 from .._core.records import encode_map
 from .._core.view import ClusterView
 from .._errors import ClusterMismatch, EtcdError
@@ -163,12 +163,25 @@ class RebalancerActor:
             return
         existing = txn.responses[0]
         kvs = getattr(existing, "kvs", ())
-        if (
-            kvs
-            and kvs[0].value.decode(errors="replace") == self._node_id
-            and (kvs[0].lease == session.lease_id)
-        ):
-            self.term = kvs[0].create_revision  # our own key from this session
+        if not kvs:
+            return
+        kv = kvs[0]
+        holder = kv.value.decode(errors="replace")
+        if holder == self._node_id and kv.lease == session.lease_id:
+            self.term = kv.create_revision  # our own key from this session
+        elif kv.lease == 0 or not valid_node_id(holder):
+            # Not a coordinator's key (no session lease, or no node id in it): it would
+            # never expire and nobody could ever coordinate. Remove exactly that version.
+            self._log.warning(
+                "clusterkit %s: removing a foreign %s (value %r, lease %x)",
+                self._node_id,
+                key.decode(),
+                kv.value[:64],
+                kv.lease,
+            )
+            await self._client.txn(
+                [Compare.mod_revision(key, "=", kv.mod_revision)], [Op.delete(key)]
+            )
 
     async def _maybe_rebalance(self, view: ClusterView) -> float | None:
         """Write a new map if one is due; return the deadline of a pending one.

@@ -5,7 +5,10 @@ Theory of operation
 Start: read the whole prefix at one revision R (paged, every page at R), build the view,
 publish it, and only then report ready. Then watch the prefix from R + 1: each watch batch
 is applied to the :class:`ViewState` and a new snapshot is published, so the view always
-equals the prefix at some revision — no event lost, none invented.
+equals the prefix at some revision — no event lost, none invented. That revision is the
+last applied event's ``mod_revision``, never a response header's: etcd sends a catch-up in
+pieces of up to 1000 revisions, each stamped with the store's current revision, and
+resuming after the header of the first piece would skip the rest.
 
 When the watch fails:
 
@@ -122,6 +125,11 @@ class WatcherActor:
             if not self.connected.value:
                 self.connected.set(True)
             async for batch in w:
+                # A catch-up response carries the store's *current* revision in its header,
+                # not the revision it caught up to: the view (and the resume point) is at
+                # the last event's revision. Only an empty progress notification vouches
+                # for its header revision.
+                revision = batch.events[-1].kv.mod_revision if batch.events else batch.revision
                 for ev in batch.events:
                     kv = ev.kv
                     self._note(
@@ -133,7 +141,7 @@ class WatcherActor:
                             lease=kv.lease,
                         )
                     )
-                self.views.set(self._state.snapshot(batch.revision))
+                self.views.set(self._state.snapshot(revision))
 
     def _note(self, problem: str | None) -> None:
         if problem is not None:

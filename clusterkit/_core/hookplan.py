@@ -36,7 +36,7 @@ class Role(enum.Enum):
 
 def role_of(record: MapRecord | None, partition: int, node_id: str) -> Role:
     """This node's role in ``partition`` according to ``record``."""
-    if record is None:
+    if record is None or not 0 <= partition < len(record.replicas):
         return Role.NONE
     if node_id in record.replicas[partition]:
         return Role.REPLICA

@@ -15,14 +15,19 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 KeyKind = Literal["node", "coordinator", "map", "ready", "leader"]
 
 
 def valid_node_id(node_id: str) -> bool:
     """Node ids are 1-128 characters of ``A-Z a-z 0-9 . _ : -``, not starting with a symbol."""
-    return bool(_NODE_ID.match(node_id))
+    return bool(_NODE_ID.fullmatch(node_id))
+
+
+def is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also accepts '²', which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +79,10 @@ class KeyLayout:
         kind, _, tail = text.partition("/")
         if kind == "nodes" and valid_node_id(tail):
             return ParsedKey("node", node_id=tail)
-        if kind == "leaders" and tail.isdigit():
+        if kind == "leaders" and is_number(tail):
             return ParsedKey("leader", partition=int(tail))
         if kind == "ready":
             pt, _, node_id = tail.partition("/")
-            if pt.isdigit() and valid_node_id(node_id):
+            if is_number(pt) and valid_node_id(node_id):
                 return ParsedKey("ready", node_id=node_id, partition=int(pt))
         return None

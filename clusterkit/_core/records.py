@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .keys import valid_node_id
+from .keys import is_number, valid_node_id
 
 MAP_FORMAT = 1
 NODE_STATES = ("active", "draining")
@@ -205,7 +205,7 @@ def decode_map(value: bytes) -> MapRecord:
         raise RecordError("partition map pending must be an object")
     pending: dict[int, tuple[str, ...]] = {}
     for key, row in pending_obj.items():
-        if not key.isdigit() or int(key) >= p:
+        if not is_number(key) or int(key) >= p:
             raise RecordError(f"partition map pending has a bad partition {key!r}")
         pending[int(key)] = _row(row, table, f"pending[{key}]")
         if len(pending[int(key)]) > r:

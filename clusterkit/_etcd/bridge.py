@@ -58,7 +58,9 @@ async def call_unary(
 
     Raises:
         grpc.RpcError: the call failed (the caller translates it).
-        trio.Cancelled: the Trio task was cancelled; the RPC has been cancelled too.
+        trio.Cancelled: the Trio task was cancelled; the RPC has been cancelled too, unless
+            it had already completed (a write may then have been applied: as with any
+            timeout, the outcome of a cancelled write is unknown).
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     token = trio.lowlevel.current_trio_token()

@@ -91,6 +91,10 @@ class EtcdConfig:
             raise ConfigError("cert", "cert and key must be given together")
         if (self.username is None) != (self.password is None):
             raise ConfigError("username", "username and password must be given together")
+        for name in ("ca_cert", "cert", "key"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not os.path.isfile(value):
+                raise ConfigError(name, f"{value!r} is not a readable PEM file")
 
     @property
     def tls(self) -> bool:

@@ -127,6 +127,7 @@ class EtcdClient:
         self.config = config
         self.endpoints = Endpoints(config)
         self._token: str | None = None
+        self._stale_stream_token: str | None = None
         self._auth_lock = trio.Lock()
         self._watches = WatchHub(self)
         self._keepalives = LeaseKeepAliveHub(self)
@@ -153,6 +154,19 @@ class EtcdClient:
     def stream_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata for long-lived streams: ``hasleader`` plus the auth token."""
         return (("hasleader", "true"), *(self._metadata() or ()))
+
+    def stream_auth_failed(self) -> None:
+        """A stream was refused for its token: the next stream re-authenticates first."""
+        self._stale_stream_token = self._token
+
+    async def ensure_stream_auth(self) -> None:
+        """Authenticate before opening a stream if there is no token or it was refused."""
+        if not self.config.username:
+            return
+        if self._token is None or self._token == self._stale_stream_token:
+            self.reauthentications += self._token is not None
+            await self._authenticate(self._token)
+            self._stale_stream_token = None
 
     async def _authenticate(self, stale: str | None) -> None:
         async with self._auth_lock:
@@ -427,8 +441,7 @@ class EtcdClient:
         """
         if self._closed:
             raise EtcdUnavailable("the etcd client is closed")
-        if self.config.username and self._token is None:
-            await self._authenticate(None)
+        await self.ensure_stream_auth()
         return await self._keepalives.keepalive(lease_id, timeout or self.config.request_timeout)
 
     async def lease_time_to_live(self, lease_id: int, *, keys: bool = False) -> LeaseInfo:

@@ -413,7 +413,9 @@ async def open_embedded_etcd(
                 if attempt == 2 or not any(_address_in_use(m) for m in members):
                     raise
                 for m in members:
-                    shutil.rmtree(m.data_dir, ignore_errors=True)
+                    m.log_path.unlink(missing_ok=True)  # the next attempt's log starts empty
+                    if data_dir is None:  # never delete a directory the caller gave us
+                        shutil.rmtree(m.data_dir, ignore_errors=True)
         yield EmbeddedEtcd(tuple(m.endpoint for m in members), members[0].version, tuple(members))
     finally:
         with trio.CancelScope(shield=True):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import trio
 
-from .._errors import EtcdError, EtcdTimeout, EtcdUnavailable, LeaseNotFound
+from .._errors import EtcdError, EtcdTimeout, EtcdUnavailable, InvalidAuthToken, LeaseNotFound
 from .bridge import BidiStream
 from .pb.etcdserverpb import rpc_pb2
 from .status import translate
@@ -130,8 +130,10 @@ class LeaseKeepAliveHub:
             err = translate(error)
         else:
             err = EtcdUnavailable(f"keepalive stream ended: {error!r}")
-        if isinstance(err, EtcdUnavailable):
+        if isinstance(err, EtcdUnavailable) and error is not None:  # None: we closed it
             self._client.endpoints.failed(endpoint)
+        if isinstance(err, InvalidAuthToken):
+            self._client.stream_auth_failed()
         self._fail_all(err)
 
     def _fail_all(self, err: EtcdError) -> None:

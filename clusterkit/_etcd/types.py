@@ -205,10 +205,13 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class WatchBatch:
-    """Events of one watch response, all at or below ``revision``, in order.
+    """Events of one watch response, in revision order.
 
-    A batch with no events and ``progress=True`` is a progress notification: the watch has
-    seen every change up to ``revision``.
+    ``revision`` is the response header's: the store's revision when etcd sent it, which
+    can be far past the last event while etcd is catching a watch up (it sends up to 1000
+    revisions per response). To resume a watch, start after the last *event's*
+    ``kv.mod_revision``. A batch with no events and ``progress=True`` is a progress
+    notification: the watch has seen every change up to ``revision``.
     """
 
     revision: int

@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import trio
 
-from .._errors import EtcdError, EtcdTimeout, EtcdUnavailable, RevisionCompacted
+from .._errors import (
+    EtcdError,
+    EtcdTimeout,
+    EtcdUnavailable,
+    InvalidAuthToken,
+    RevisionCompacted,
+    WatchOverflow,
+)
 from .bridge import BidiStream
 from .pb.etcdserverpb import rpc_pb2
 from .status import BY_MESSAGE, translate
@@ -42,6 +49,8 @@ from .types import Event, EventType, KeyValue, WatchBatch
 
 if TYPE_CHECKING:
     from .client import EtcdClient
+
+QUEUE_LIMIT = 512  # responses a watch may hold unconsumed before it is failed
 
 _FILTERS = {
     "noput": rpc_pb2.WatchCreateRequest.NOPUT,
@@ -74,34 +83,55 @@ class Watch:
         self._hub = hub
         self.watch_id = watch_id
         self._request = request
-        self._queue: deque[WatchBatch | EtcdError] = deque()
-        self._credits = 0
+        self._stream: BidiStream | None = None  # credits go back to the stream they came from
+        self._queue: deque[tuple[WatchBatch | EtcdError, int]] = deque()
         self._wakeup = trio.Event()
         self._created = trio.Event()
         self._closed = False
+        self._failed = False
 
     def __repr__(self) -> str:
         return f"<Watch id={self.watch_id} queued={len(self._queue)} closed={self._closed}>"
 
     # Called by the hub, in the Trio thread.
-    def _push(self, item: WatchBatch | EtcdError, credit: int) -> None:
-        if self._closed:
-            self._hub.release(credit)
+    def _push(self, item: WatchBatch, credit: int) -> None:
+        if self._closed or self._failed:
+            self._release(credit)
             return
-        self._queue.append(item)
-        self._credits += credit
+        if len(self._queue) >= QUEUE_LIMIT:
+            # This consumer is too slow: fail this watch rather than stall every other watch
+            # of the client (they share one stream and its flow control).
+            self._release(credit)
+            self._fail(WatchOverflow(f"watch {self.watch_id} fell {QUEUE_LIMIT} responses behind"))
+            self._hub.cancel(self)
+            return
+        self._queue.append((item, credit))
         self._wakeup.set()
 
     def _mark_created(self) -> None:
         self._created.set()
 
     def _fail(self, error: EtcdError) -> None:
-        self._push(error, 0)
+        """End the watch with ``error`` after the batches already queued (their credits are
+        returned now: nothing more will arrive for this watch)."""
+        if self._failed or self._closed:
+            return
+        self._failed = True
+        held = sum(credit for _, credit in self._queue)
+        self._queue = deque((item, 0) for item, _ in self._queue)
+        self._release(held)
+        self._queue.append((error, 0))
+        self._wakeup.set()
         self._created.set()
+
+    def _release(self, n: int) -> None:
+        if n and self._stream is not None:
+            self._stream.release(n)
 
     async def __aenter__(self) -> Watch:
         try:
             with trio.fail_after(self._hub.timeout):
+                await self._hub.register(self)
                 await self._created.wait()
         except trio.TooSlowError:
             await self.aclose()
@@ -109,8 +139,8 @@ class Watch:
         except BaseException:
             await self.aclose()
             raise
-        if self._queue and isinstance(self._queue[0], EtcdError):
-            error = self._queue[0]
+        if self._queue and isinstance(self._queue[0][0], EtcdError):
+            error = self._queue[0][0]
             await self.aclose()
             raise error
         return self
@@ -124,27 +154,31 @@ class Watch:
         return self
 
     async def __anext__(self) -> WatchBatch:
-        while not self._queue:
-            if self._closed:
-                raise StopAsyncIteration
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        item = self._queue.popleft()
-        if isinstance(item, EtcdError):
-            self._queue.appendleft(item)  # stays failed
-            raise item
-        await trio.lowlevel.checkpoint()
-        self._credits -= 1
-        self._hub.release(1)
-        return item
+        while True:
+            if not self._queue:
+                if self._closed:
+                    raise StopAsyncIteration
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            # The cancellation point comes *before* taking the batch, so a cancelled
+            # caller never loses one.
+            await trio.lowlevel.checkpoint()
+            if not self._queue:
+                continue
+            item, credit = self._queue[0]
+            if isinstance(item, EtcdError):
+                raise item  # stays at the head: the watch stays failed
+            self._queue.popleft()
+            self._release(credit)
+            return item
 
     async def aclose(self) -> None:
         """Cancel the watch on the server and release everything it holds."""
         if self._closed:
             return
         self._closed = True
-        self._hub.release(self._credits)
-        self._credits = 0
+        self._release(sum(credit for _, credit in self._queue))
         self._queue.clear()
         self._wakeup.set()
         self._hub.cancel(self)
@@ -176,10 +210,6 @@ class WatchHub:
         """Open the stream now (it stays open with no watches; see EtcdClient.open_streams)."""
         self._ensure_stream()
 
-    def release(self, n: int) -> None:
-        if n and self._stream is not None:
-            self._stream.release(n)
-
     def watch(
         self,
         key: bytes,
@@ -203,13 +233,18 @@ class WatchHub:
             watch_id=watch_id,
             filters=[_FILTERS[f] for f in filters],
         )
-        request = rpc_pb2.WatchRequest(create_request=create)
-        watch = Watch(self, watch_id, request)
-        self._watches[watch_id] = watch
+        return Watch(self, watch_id, rpc_pb2.WatchRequest(create_request=create))
+
+    async def register(self, watch: Watch) -> None:
+        """Send the watch's create request (on entering ``async with``)."""
+        await self._client.ensure_stream_auth()
+        if watch._closed:
+            return
         stream = self._ensure_stream()
-        self._unconfirmed.append(watch_id)
-        stream.send(request)
-        return watch
+        watch._stream = stream
+        self._watches[watch.watch_id] = watch
+        self._unconfirmed.append(watch.watch_id)
+        stream.send(watch._request)
 
     def cancel(self, watch: Watch) -> None:
         if self._watches.pop(watch.watch_id, None) is None:
@@ -247,8 +282,10 @@ class WatchHub:
                 else:
                     watch_id = oldest  # a refusal carries watch_id -1
         watch = self._watches.get(watch_id)
+        stream = self._stream
+        assert stream is not None
         if watch is None:
-            self.release(1)
+            stream.release(1)
             return
         if resp.created:
             watch._mark_created()
@@ -262,10 +299,10 @@ class WatchHub:
             else:
                 err = _cancel_error(resp.cancel_reason)
             watch._fail(err)
-            self.release(1)
+            stream.release(1)
             return
         if resp.created and not resp.events:
-            self.release(1)
+            stream.release(1)
             return
         watch._push(_batch(resp), 1)
 
@@ -282,6 +319,8 @@ class WatchHub:
             err = EtcdUnavailable(f"watch stream ended: {error!r}")
         if isinstance(err, EtcdUnavailable):
             self._client.endpoints.failed(endpoint)
+        if isinstance(err, InvalidAuthToken):
+            self._client.stream_auth_failed()
         watches, self._watches = self._watches, {}
         self._unconfirmed.clear()
         for watch in watches.values():

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from clusterkit import EtcdClient, LeaseNotFound
+from clusterkit import EtcdClient, EtcdUnavailable, LeaseNotFound
 from clusterkit.etcd import KeepAlive, Lease, PutOp, RangeResult, TxnResult
 
 
@@ -26,6 +26,7 @@ class FakeEtcd:
         self.calls: list[tuple[float, str, Any]] = []
         self.puts: list[tuple[float, PutOp]] = []
         self.answered: list[float] = []  # send times of keepalives that were answered
+        self.revoke_delay = 0.0
 
     def _record(self, name: str, arg: Any = None) -> None:
         self.calls.append((trio.current_time(), name, arg))
@@ -39,8 +40,6 @@ class FakeEtcd:
         self._record("lease_grant", ttl)
         if self.grant_fails:
             self.grant_fails -= 1
-            from clusterkit import EtcdUnavailable
-
             raise EtcdUnavailable("scripted outage")
         return Lease(next(self.leases), self.ttl)
 
@@ -66,7 +65,7 @@ class FakeEtcd:
         return KeepAlive(lease_id, self.ttl, sent)
 
     async def lease_revoke(self, lease_id: int) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.revoke_delay)
         self._record("revoke", lease_id)
 
     def as_client(self) -> EtcdClient:

@@ -85,3 +85,41 @@ async def test_leave_message_revokes_and_stops(autojump_clock: trio.testing.Mock
         assert ("revoke", lease) in [(name, arg) for _, name, arg in fake.calls]
     # run() returned by itself: the nursery closed without cancellation.
     assert actor.left
+
+
+async def test_a_slow_revoke_is_never_cut_off_by_the_heartbeat(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeEtcd(ttl=3)
+    fake.revoke_delay = 2.5  # longer than the 1 s heartbeat
+    actor, session, mailbox = make_actor(fake)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        done = trio.Event()
+        await mailbox.send(Leave(done))
+        await done.wait()
+        left_at = trio.current_time()
+    names = [(t, name) for t, name, _ in fake.calls]
+    assert ("revoke" in [n for _, n in names]) and session.value is None
+    assert not [t for t, n in names if n == "keepalive" and t > left_at - 2.5]
+
+
+async def test_leave_during_rejoin_does_not_register_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeEtcd(ttl=3)
+    actor, session, mailbox = make_actor(fake)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        fake.keepalive_mode = "expired"
+        fake.grant_fails = 1000  # etcd keeps refusing the rejoin
+        await session.wait_for(lambda s: s is None)
+        txns_before = len([1 for _, n, _ in fake.calls if n == "txn"])
+        done = trio.Event()
+        await mailbox.send(Leave(done))
+        with trio.fail_after(5):
+            await done.wait()
+        fake.grant_fails = 0  # etcd is back: the node must not come back
+        await trio.sleep(10)
+    assert len([1 for _, n, _ in fake.calls if n == "txn"]) == txns_before
+    assert actor.left and session.value is None

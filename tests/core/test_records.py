@@ -137,7 +137,17 @@ def test_key_layout_parses_what_it_builds() -> None:
     assert LAYOUT.parse(LAYOUT.coordinator) == ParsedKey("coordinator")
     assert LAYOUT.parse(LAYOUT.leader(17)) == ParsedKey("leader", partition=17)
     assert LAYOUT.parse(LAYOUT.ready(3, "n2")) == ParsedKey("ready", "n2", 3)
-    for foreign in (b"/ck/other", b"/ck/nodes/", b"/ck/leaders/x", b"/ckx/map", b"/ck/\xff"):
+    foreign_keys = (
+        b"/ck/other",
+        b"/ck/nodes/",
+        b"/ck/leaders/x",
+        "/ck/leaders/\u00b2".encode(),  # '²'.isdigit() is True, int('²') fails
+        "/ck/ready/\u00b2/n1".encode(),
+        b"/ck/nodes/a\n",
+        b"/ckx/map",
+        b"/ck/\xff",
+    )
+    for foreign in foreign_keys:
         assert LAYOUT.parse(foreign) is None
     assert KeyLayout("/ck/").root == b"/ck/"
     assert valid_node_id("a.b_c:d-1") and not valid_node_id("") and not valid_node_id("a/b")

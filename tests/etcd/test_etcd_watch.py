@@ -134,3 +134,23 @@ async def test_progress_notifications_carry_the_revision(etcd_binary: str) -> No
                     batch = await watch.__anext__()
     assert batch.progress and batch.events == ()
     assert batch.revision >= put.revision
+
+
+async def test_a_slow_watch_fails_alone_and_never_stalls_the_others(
+    client: EtcdClient, prefix: str
+) -> None:
+    from clusterkit._etcd.watch import QUEUE_LIMIT
+
+    async with client.watch(prefix + "slow/", prefix=True) as slow:
+        async with client.watch(prefix + "fast") as fast:
+            for i in range(QUEUE_LIMIT + 50):  # nobody reads `slow`
+                await client.put(f"{prefix}slow/{i}", "x")
+            await client.put(prefix + "fast", "still flowing")
+            with trio.fail_after(10):
+                batch = await fast.__anext__()
+            assert batch.events[0].kv.value == b"still flowing"
+        received = 0
+        with pytest.raises(clusterkit.WatchOverflow):
+            async for b in slow:
+                received += len(b.events)
+        assert received >= QUEUE_LIMIT  # everything queued before the overflow is delivered
