@@ -401,10 +401,15 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
                     raise
                 finally:
                     ck._left = True
-                    hub.close()
-                    nursery.cancel_scope.cancel()
-                    with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT):
-                        await membership.close()
+                    with trio.CancelScope(shield=True):
+                        # Leaders hear on_leader_lost before the session (and with it every
+                        # leader key) is revoked; then the rest stops.
+                        with trio.move_on_after(LEAVE_TIMEOUT):
+                            await partitions.stop()
+                        hub.close()
+                        nursery.cancel_scope.cancel()
+                        with trio.move_on_after(LEAVE_TIMEOUT):
+                            await membership.close()
     except BaseException as group:
         if user_error is not None and _contains(group, user_error):
             for leaf in _flatten(group):

@@ -58,15 +58,20 @@ class HookLog:
     def __init__(self) -> None:
         self.calls: dict[tuple[str, int], list[str]] = defaultdict(list)
         self.fail_assigned: dict[str, int] = {}
+        self.incarnations: dict[str, int] = defaultdict(int)
 
     def config(self, node_id: str) -> dict[str, Any]:
+        """Hooks for one incarnation of ``node_id`` (a restart starts a new hook sequence)."""
+        self.incarnations[node_id] += 1
+        key = f"{node_id}#{self.incarnations[node_id]}"
+
         def record(name: str) -> Callable[..., Any]:
             async def hook(pt: int, *args: Any) -> None:
                 if name == "assigned" and self.fail_assigned.get(node_id, 0) > 0:
                     self.fail_assigned[node_id] -= 1
-                    self.calls[(node_id, pt)].append("assigned-failed")
+                    self.calls[(key, pt)].append("assigned-failed")
                     raise RuntimeError("disk full")
-                self.calls[(node_id, pt)].append(name)
+                self.calls[(key, pt)].append(name)
                 await trio.lowlevel.checkpoint()
 
             return hook
@@ -281,7 +286,7 @@ async def test_drain_moves_everything_off_before_leaving(
         rest = nodes[:3]
         await wait_converged(rest)
         await wait_leaders(rest)
-        d_calls = {pt: seq for (n, pt), seq in hooks.calls.items() if n == "d"}
+        d_calls = {pt: seq for (n, pt), seq in hooks.calls.items() if n == "d#1"}
         assert d_calls and all(seq[-1] == "unassigned" for seq in d_calls.values())
         kinds = {type(ev).__name__ for ev in events}
         assert {"LeaderLost", "PartitionUnassigned"} <= kinds
@@ -307,6 +312,39 @@ async def test_rapid_join_leave_churn_keeps_the_invariants(
             await extra.stop()
         await wait_converged(base, timeout=20)
         await wait_leaders(base)
+        nursery.cancel_scope.cancel()
+    checker.check()
+    hooks.check()
+
+
+async def test_a_preferred_replica_that_comes_back_gets_its_leadership_back(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    hooks, checker = HookLog(), Checker()
+    slow = {"rebalance_delay": 3.0}  # a restart inside the window moves no partition
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(checker.run)
+        nodes = await start_all(
+            nursery, ["a", "b", "c"], etcd.endpoints, prefix, hooks, checker, **slow
+        )
+        await wait_converged(nodes, timeout=20)
+        await wait_leaders(nodes)
+        version = nodes[1].ck.view.map.version if nodes[1].ck.view.map else None
+        preferred_a = [pt for pt in range(P) if nodes[0].ck.get_replicas(pt)[0].id == "a"]
+        checker.nodes.remove(nodes[0])
+        await nodes[0].stop()
+        with trio.fail_after(5):  # the others take over a's partitions at once
+            while not all(any(n.ck.is_leader(pt) for n in nodes[1:]) for pt in preferred_a):
+                await trio.sleep(0.01)
+        (again,) = await start_all(nursery, ["a"], etcd.endpoints, prefix, hooks, checker, **slow)
+        nodes[0] = again
+        await wait_leaders(nodes)  # a leads its preferred partitions again
+        assert all(again.ck.is_leader(pt) for pt in preferred_a)
+        view = nodes[1].ck.view
+        assert view.map is not None and view.map.version == version  # no data moved
+        stats = nodes[1].ck.statistics()["PartitionSupervisor"]
+        stats_c = nodes[2].ck.statistics()["PartitionSupervisor"]
+        assert stats.get("handovers", 0) + stats_c.get("handovers", 0) >= len(preferred_a)
         nursery.cancel_scope.cancel()
     checker.check()
     hooks.check()

@@ -61,6 +61,7 @@ from .cell import Latest
 from .membership import Session
 
 STAGGER = 0.05  # seconds per rank before a non-preferred replica campaigns
+LOST_HOOK_TIMEOUT = 5.0  # bound on on_leader_lost when the node leaves
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
 
 
@@ -156,7 +157,12 @@ class PartitionActor:
                     await _wait_any(self._views, version, self._ctx.session)
         finally:
             if self._epoch is not None:
+                # Stopped while leading (the node leaves): the app hears on_leader_lost before
+                # the session is revoked and a successor can win.
+                epoch, self._epoch = self._epoch, None
                 self._ctx.leadership.end(self.pt)
+                with trio.CancelScope(shield=True), trio.move_on_after(LOST_HOOK_TIMEOUT):
+                    await self._run_hook("on_leader_lost", (self.pt,), LeaderLost(self.pt, epoch))
 
     async def _step(self, view: ClusterView) -> float | None:
         pt, me = self.pt, self._me
@@ -271,11 +277,14 @@ class PartitionActor:
                 )
                 return None
             preferred = row[0]
+            back = view.nodes.get(preferred)
             if (
                 preferred != me
-                and view.nodes.get(preferred, None) is not None
-                and (view.nodes[preferred].state == "active")
+                and (pt, preferred) in view.ready
+                and back is not None
+                and (back.state == "active")
             ):
+                # The preferred replica is back and has said it is ready: hand over.
                 ctx.count("handovers")
                 await self._step_down(view, resign=True)
                 return None
@@ -286,6 +295,8 @@ class PartitionActor:
             self._no_leader_since = None
             if owner.node_id == me and owner.lease == session.lease_id:
                 await self._confirm(owner.create_revision, view)  # ours, from this session
+            elif row and row[0] == me and (pt, me) not in view.ready:
+                return await self._mark_ready()  # preferred and ready: ask for the lead back
             return None
         if me not in row:
             return None
@@ -388,6 +399,8 @@ class PartitionSupervisor:
         self._views = views
         self._cells: dict[int, Latest[ClusterView]] = {}
         self._last: ClusterView = EMPTY_VIEW
+        self._scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
 
     def __repr__(self) -> str:
         return f"<PartitionSupervisor partitions={len(self._cells)}>"
@@ -396,12 +409,22 @@ class PartitionSupervisor:
         return {"partitions": len(self._cells), **self._ctx.counters}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            version = -1
-            while True:
-                view, version = await self._views.wait_newer(version)
-                self._dispatch(nursery, view)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                task_status.started()
+                version = -1
+                while True:
+                    view, version = await self._views.wait_newer(version)
+                    self._dispatch(nursery, view)
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop every partition actor (leaders run on_leader_lost) and wait for them."""
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._stopped.wait()
 
     def _dispatch(self, nursery: trio.Nursery, view: ClusterView) -> None:
         if view.map is not None and view.map.partitions != self._ctx.config.partitions:
@@ -426,6 +449,7 @@ class PartitionSupervisor:
             for pt in set(view.leaders) | set(last.leaders)
             if view.leaders.get(pt) != last.leaders.get(pt)
         )
+        touched.update(pt for pt, _ in view.ready ^ last.ready)  # readiness (handover)
         if view.nodes != last.nodes:
             touched.update(self._cells)  # peers' records or liveness changed
         for pt in touched:

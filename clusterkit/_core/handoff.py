@@ -24,7 +24,8 @@ during a planned move than before it.
    replicas are all gone (nobody to copy from: the new replicas start empty, with
    ``previous_owner=None``) is committed at once; otherwise it becomes (or stays) pending.
 
-Ready markers of committed partitions are returned for deletion in the same write.
+Ready markers of nodes that are no longer in a partition (neither committed nor pending)
+are returned for deletion in the same write.
 """
 
 from __future__ import annotations
@@ -99,16 +100,25 @@ def plan(
         else:
             replicas.append(current)
             pending[pt] = goal
-    stale = tuple(
-        sorted(
-            (pt, n)
-            for pt, n in ready_set
-            if 0 <= pt < partitions and (pt not in pending or n not in pending[pt])
-        )
-    )
     version = previous.version + 1 if previous is not None else 1
     record = MapRecord(version, partitions, replica_factor, tuple(replicas), pending)
-    return Plan(record, stale, tuple(committed))
+    return Plan(record, _stale(record, ready_set), tuple(committed))
+
+
+def _stale(record: MapRecord, ready: frozenset[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
+    """Ready markers of nodes that are neither committed nor pending in their partition.
+
+    Markers of replicas stay: a committed preferred replica uses its marker to say it is
+    ready to take leadership back.
+    """
+    return tuple(
+        sorted(
+            (pt, n)
+            for pt, n in ready
+            if not 0 <= pt < record.partitions
+            or (n not in record.replicas[pt] and n not in record.pending.get(pt, ()))
+        )
+    )
 
 
 def commit_ready(
@@ -134,8 +144,6 @@ def commit_ready(
             committed.append(pt)
     if not committed:
         return None
-    done = frozenset(committed)
-    stale = tuple(sorted((pt, n) for pt, n in ready_set if pt in done))
     record = MapRecord(
         previous.version + 1,
         previous.partitions,
@@ -143,7 +151,7 @@ def commit_ready(
         tuple(replicas),
         pending,
     )
-    return Plan(record, stale, tuple(sorted(committed)))
+    return Plan(record, _stale(record, ready_set), tuple(sorted(committed)))
 
 
 def joining(record: MapRecord, partition: int) -> tuple[str, ...]:

@@ -1,0 +1,1 @@
+"""The etcd contract suite: one set of tests, every etcd backend."""
