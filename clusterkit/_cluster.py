@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import mmh3
 import trio
@@ -89,6 +89,7 @@ class ClusterKit:
         self._leadership = leadership
         self._events = events
         self._margin = margin
+        self._supervisor: PartitionSupervisor | None = None
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -273,10 +274,15 @@ class ClusterKit:
             await done.wait()
             me = self.node_id
             await self._views.wait_for(lambda v: v.map is not None and me not in v.map.node_ids())
+            if self._supervisor is not None:  # the last on_partition_unassigned hooks ran
+                await self._supervisor.active.wait_for(lambda n: n == 0)
         self._left = True
         done = trio.Event()
         with trio.move_on_after(LEAVE_TIMEOUT) as scope:
             try:
+                if self._supervisor is not None:
+                    # Leaders hear on_leader_lost before the revoke lets a successor win.
+                    await self._supervisor.stop()
                 await self._membership.send(Leave(done))
                 await done.wait()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -344,12 +350,27 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"open_cluster expects a clusterkit.Config, got {type(config).__name__}")
+    async with _open_node(config, _real_etcd(config)) as ck:
+        yield ck
+
+
+@asynccontextmanager
+async def _real_etcd(config: Config) -> AsyncIterator[EtcdClient]:
+    async with (
+        _etcd_endpoints(config) as endpoints,
+        open_etcd_client(config.etcd_config(endpoints)) as etcd,
+    ):
+        yield etcd
+
+
+@asynccontextmanager
+async def _open_node(
+    config: Config, etcd_cm: AbstractAsyncContextManager[EtcdClient]
+) -> AsyncIterator[ClusterKit]:
+    """``open_cluster`` on a given etcd client (``clusterkit.testing`` passes an in-memory one)."""
     user_error: BaseException | None = None
     try:
-        async with (
-            _etcd_endpoints(config) as endpoints,
-            open_etcd_client(config.etcd_config(endpoints)) as etcd,
-        ):
+        async with etcd_cm as etcd:
             layout = KeyLayout(config.etcd_prefix)
             node = _node_record(config)
             views: Latest[ClusterView] = Latest(EMPTY_VIEW, "view")
@@ -394,6 +415,7 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
                     margin,
                 )
                 ck._actors = [membership, watcher, rebalancer, partitions]
+                ck._supervisor = partitions
                 try:
                     yield ck
                 except BaseException as exc:

@@ -26,8 +26,26 @@ Faults: ``store.fail(EtcdUnavailable)`` / ``store.heal()`` make every request fa
 watches end); ``client.cut()`` / ``client.restore()`` cut one client off; leases keep
 expiring meanwhile. ``store.compact(revision)`` compacts history. See
 :class:`MemoryEtcd` for every knob.
+
+Whole clusters: :func:`open_test_cluster` runs real clusterkit nodes (``open_cluster`` with
+all its actors) on one in-memory etcd, with knobs to cut a node off, kill it, or stop it::
+
+    async def test_failover(autojump_clock: trio.testing.MockClock) -> None:
+        async with open_test_cluster(partitions=16, session_ttl=5) as cluster:
+            a = await cluster.start("a", on_leader_elected=my_hook)
+            b = await cluster.start("b")
+            await cluster.wait_converged()
+            await cluster.kill("a")  # b takes over once a's lease expires
 """
 
 from ._testing.memory_etcd import MemoryEtcd, MemoryEtcdClient, open_memory_etcd
+from ._testing.virtual_cluster import TestCluster, TestNode, open_test_cluster
 
-__all__ = ["MemoryEtcd", "MemoryEtcdClient", "open_memory_etcd"]
+__all__ = [
+    "MemoryEtcd",
+    "MemoryEtcdClient",
+    "TestCluster",
+    "TestNode",
+    "open_memory_etcd",
+    "open_test_cluster",
+]

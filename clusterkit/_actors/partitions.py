@@ -62,6 +62,7 @@ from .membership import Session
 
 STAGGER = 0.05  # seconds per rank before a non-preferred replica campaigns
 LOST_HOOK_TIMEOUT = 5.0  # bound on on_leader_lost when the node leaves
+HANDOVER_BACKOFF = 0.25  # seconds; doubles with each handover the preferred did not take
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
 
 
@@ -93,6 +94,9 @@ class PartitionContext:
     emit: Callable[[ClusterEvent], None]
     margin: float
     counters: dict[str, int] = field(default_factory=dict)
+    # The session's generation (-1: none). Unlike ``session``, it does not change on every
+    # keepalive, so partition actors are not all woken once per heartbeat.
+    session_gen: Latest[int] = field(default_factory=lambda: Latest(-1, "session generation"))
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -139,6 +143,9 @@ class PartitionActor:
         self._epoch: int | None = None
         self._ready_generation = -1
         self._no_leader_since: float | None = None
+        self._abandoned: set[int] = set()  # epochs this actor stepped down from
+        self._handovers = 0
+        self._handover_after = 0.0
         self._me = ctx.node_id
         self._key = ctx.layout.leader(pt)
 
@@ -154,7 +161,7 @@ class PartitionActor:
                 if self._track.role is Role.NONE and self._epoch is None:
                     return
                 with trio.move_on_at(wake if wake is not None else float("inf")):
-                    await _wait_any(self._views, version, self._ctx.session)
+                    await _wait_any(self._views, version, self._ctx.session_gen)
         finally:
             if self._epoch is not None:
                 # Stopped while leading (the node leaves): the app hears on_leader_lost before
@@ -272,35 +279,51 @@ class PartitionActor:
                 owner is None or owner.create_revision != self._epoch
             )
             if session is None or now >= fence_at or gone:
-                await self._step_down(
-                    view, resign=not gone and session is not None and now < fence_at
-                )
-                return None
+                reachable = session is not None and now < fence_at
+                await self._step_down(view, resign=reachable and not gone)
+                # Self-fenced with the session still alive: look again soon (a keepalive
+                # may renew it, and then the abandoned key is removed and a new term won).
+                return now + RETRY_MIN if session is not None else None
             preferred = row[0]
             back = view.nodes.get(preferred)
             if (
                 preferred != me
                 and (pt, preferred) in view.ready
                 and back is not None
-                and (back.state == "active")
+                and back.state == "active"
             ):
-                # The preferred replica is back and has said it is ready: hand over.
+                if now < self._handover_after:
+                    return min(fence_at, self._handover_after)
+                # The preferred replica is back and says it is ready: hand over. Should it
+                # not take over (it may be cut off while its marker lives on), we win the
+                # partition back after the stagger and wait longer before the next try.
+                self._handovers += 1
+                pause = min(ctx.config.session_ttl, HANDOVER_BACKOFF * 2**self._handovers)
+                self._handover_after = now + pause
                 ctx.count("handovers")
                 await self._step_down(view, resign=True)
                 return None
+            self._handovers = 0
             return fence_at
         if session is None or not self._track.assigned:
             return None
         if owner is not None:
             self._no_leader_since = None
             if owner.node_id == me and owner.lease == session.lease_id:
-                await self._confirm(owner.create_revision, view)  # ours, from this session
+                if owner.create_revision in self._abandoned:
+                    # An epoch we stepped down from (self-fencing): never lead under it
+                    # again; remove it so a fresh campaign gives a new, higher epoch.
+                    await self._resign(owner.create_revision)
+                    return now + RETRY_MIN  # etcd may not have answered yet
+                else:
+                    await self._confirm(owner.create_revision, view)  # ours, this session
             elif row and row[0] == me and (pt, me) not in view.ready:
                 return await self._mark_ready()  # preferred and ready: ask for the lead back
             return None
-        if me not in row:
+        alive = [n for n in row if n in view.nodes]
+        if me not in alive:
             return None
-        rank = row.index(me)
+        rank = alive.index(me)  # replicas that are gone do not delay the others
         if self._no_leader_since is None:
             self._no_leader_since = now
         campaign_at = self._no_leader_since + rank * STAGGER
@@ -355,16 +378,22 @@ class PartitionActor:
         if epoch is None:
             return
         self._epoch = None
+        self._abandoned.add(epoch)
+        self._no_leader_since = None
         ctx.leadership.end(self.pt)  # is_leader is false from here on
         self._track, _ = leadership(self._track, False, self.pt)
         await self._run_hook("on_leader_lost", (self.pt,), LeaderLost(self.pt, epoch))
         if resign:
-            try:
-                await ctx.client.txn(
-                    [Compare.create_revision(self._key, "=", epoch)], [Op.delete(self._key)]
-                )
-            except EtcdError as exc:
-                ctx.config.log.info("clusterkit: resigning %d failed: %s", self.pt, exc)
+            await self._resign(epoch)
+
+    async def _resign(self, epoch: int) -> None:
+        """Delete the leader key if it is still the one created at ``epoch``."""
+        try:
+            await self._ctx.client.txn(
+                [Compare.create_revision(self._key, "=", epoch)], [Op.delete(self._key)]
+            )
+        except EtcdError as exc:
+            self._ctx.config.log.info("clusterkit: resigning %d failed: %s", self.pt, exc)
 
 
 _HOOK_NAMES = {
@@ -401,6 +430,7 @@ class PartitionSupervisor:
         self._last: ClusterView = EMPTY_VIEW
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
+        self.active: Latest[int] = Latest(0, "partition actors")
 
     def __repr__(self) -> str:
         return f"<PartitionSupervisor partitions={len(self._cells)}>"
@@ -412,6 +442,7 @@ class PartitionSupervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                nursery.start_soon(self._follow_session)
                 task_status.started()
                 version = -1
                 while True:
@@ -419,6 +450,21 @@ class PartitionSupervisor:
                     self._dispatch(nursery, view)
         finally:
             self._stopped.set()
+
+    async def _follow_session(self) -> None:
+        """Publish session generation changes; keep ``ck.leadership()`` scopes on the
+        session's deadline as keepalives extend it."""
+        ctx = self._ctx
+        version = -1
+        while True:
+            session, version = await ctx.session.wait_newer(version)
+            generation = session.generation if session is not None else -1
+            if generation != ctx.session_gen.value:
+                ctx.session_gen.set(generation)
+            if session is not None:
+                for scopes in ctx.leadership.scopes.values():
+                    for scope in scopes:
+                        scope.deadline = session.deadline - ctx.margin
 
     async def stop(self) -> None:
         """Stop every partition actor (leaders run on_leader_lost) and wait for them."""
@@ -462,6 +508,7 @@ class PartitionSupervisor:
     def _start(self, nursery: trio.Nursery, pt: int, view: ClusterView) -> None:
         cell: Latest[ClusterView] = Latest(view, f"partition {pt}")
         self._cells[pt] = cell
+        self.active.set(len(self._cells))
         actor = PartitionActor(pt, self._ctx, cell)
 
         async def run() -> None:
@@ -470,6 +517,7 @@ class PartitionSupervisor:
             finally:
                 if self._cells.get(pt) is cell:
                     del self._cells[pt]
+                self.active.set(len(self._cells))
             # The role may have come back while the actor was finishing.
             latest = self._last
             if (

@@ -865,7 +865,8 @@ def test_the_public_testing_module() -> None:
     # attribute to the clusterkit package for the rest of the session.
     code = (
         "import clusterkit.testing as t, clusterkit._testing.memory_etcd as m;"
-        "assert t.__all__ == ['MemoryEtcd', 'MemoryEtcdClient', 'open_memory_etcd'];"
+        "assert t.__all__ == ['MemoryEtcd', 'MemoryEtcdClient', 'TestCluster', 'TestNode',"
+        " 'open_memory_etcd', 'open_test_cluster'];"
         "assert t.MemoryEtcd is m.MemoryEtcd and t.open_memory_etcd is m.open_memory_etcd;"
         "assert 'MockClock' in t.__doc__"
     )

@@ -1,0 +1,153 @@
+"""Hundreds of randomized faults on a virtual-time cluster (clusterkit.testing).
+
+Every run starts real clusterkit nodes on the in-memory etcd under MockClock and applies a
+random sequence of joins, graceful leaves, drains, crashes, cut-offs from etcd and
+compactions. A sampler checks, at every virtual millisecond-scale step, that no two nodes
+claim the same partition, that epochs only grow, and, per node incarnation, that the hook
+sequence of every partition is well formed. After the faults, every partition must regain a
+leader and the map must converge.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio.testing
+
+from clusterkit.testing import TestCluster, open_test_cluster
+
+P = 8
+RUNS = 60
+OPS = 8
+
+
+class Invariants:
+    def __init__(self, cluster: TestCluster) -> None:
+        self.cluster = cluster
+        self.overlaps: list[tuple[float, int, list[str]]] = []
+        self.epochs: dict[int, list[int]] = defaultdict(list)
+        self.hooks: dict[tuple[str, int], list[str]] = defaultdict(list)
+        self.incarnation: dict[str, int] = defaultdict(int)
+
+    def hook_config(self, node_id: str) -> dict[str, Any]:
+        self.incarnation[node_id] += 1
+        key = f"{node_id}#{self.incarnation[node_id]}"
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(pt: int, *_: Any) -> None:
+                self.hooks[(key, pt)].append(name)
+
+            return hook
+
+        return {
+            "on_partition_assigned": record("assigned"),
+            "on_partition_unassigned": record("unassigned"),
+            "on_leader_elected": record("elected"),
+            "on_leader_lost": record("lost"),
+        }
+
+    def sample(self) -> None:
+        for pt in range(P):
+            leaders = [n for n in self.cluster.nodes.values() if n.ck.is_leader(pt)]
+            if len(leaders) > 1:
+                self.overlaps.append((trio.current_time(), pt, [n.node_id for n in leaders]))
+            for n in leaders:
+                epoch = n.ck._leadership.epochs.get(pt)
+                seen = self.epochs[pt]
+                if epoch is not None and (not seen or seen[-1] != epoch):
+                    seen.append(epoch)
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await trio.sleep(0.005)
+
+    def check(self) -> None:
+        assert self.overlaps == []
+        for pt, epochs in self.epochs.items():
+            assert epochs == sorted(set(epochs)), (pt, epochs)
+        for key, seq in self.hooks.items():
+            state = "out"
+            for hook in seq:
+                nxt = {
+                    ("out", "assigned"): "in",
+                    ("in", "elected"): "lead",
+                    ("lead", "lost"): "in",
+                    ("in", "unassigned"): "out",
+                }.get((state, hook))
+                assert nxt is not None, f"{key}: {hook} in state {state}: {seq}"
+                state = nxt
+
+
+async def one_run(seed: int) -> tuple[int, int]:
+    rng = random.Random(seed)
+    settings = {"partitions": P, "replica_factor": 2, "session_ttl": 3.0, "rebalance_delay": 0.5}
+    async with open_test_cluster(**settings) as cluster, trio.open_nursery() as nursery:
+        inv = Invariants(cluster)
+        nursery.start_soon(inv.run)
+        counter = 0
+
+        async def add() -> None:
+            nonlocal counter
+            counter += 1
+            name = f"n{counter}"
+            await cluster.start(name, **inv.hook_config(name))
+
+        for _ in range(3):
+            await add()
+        cut: set[str] = set()
+        for _ in range(OPS):
+            op = rng.choice(["join", "leave", "drain", "kill", "cut", "restore", "compact"])
+            live = sorted(n for n in cluster.nodes if n not in cut)
+            if op == "join" or len(live) < 2:
+                await add()
+            elif op == "leave":
+                await cluster.stop(rng.choice(live))
+            elif op == "drain":
+                with trio.fail_after(60):
+                    await cluster.stop(rng.choice(live), drain=True)
+            elif op == "kill":
+                victim = rng.choice(live)
+                await cluster.kill(victim)
+            elif op == "cut":
+                victim = rng.choice(live)
+                cluster.nodes[victim].cut()
+                cut.add(victim)
+            elif op == "restore" and cut:
+                victim = cut.pop()
+                if victim in cluster.nodes:
+                    cluster.nodes[victim].restore()
+            elif op == "compact" and cluster.store.revision > cluster.store.compact_revision:
+                cluster.store.compact(cluster.store.revision)
+            inv.sample()
+            await trio.sleep(rng.uniform(0.0, 4.0))
+        for name in list(cut):
+            if name in cluster.nodes:
+                cluster.nodes[name].restore()
+        with trio.fail_after(120):
+            await cluster.wait_converged()
+            while not all(
+                sum(n.ck.is_leader(pt) for n in cluster.nodes.values()) == 1 for pt in range(P)
+            ):
+                await trio.sleep(0.05)
+        inv.sample()
+        nursery.cancel_scope.cancel()
+    inv.check()
+    errors = [n.error for n in cluster.nodes.values() if n.error is not None]
+    assert errors == []
+    return len(inv.epochs), sum(len(e) for e in inv.epochs.values())
+
+
+async def test_randomized_faults_keep_every_invariant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    elections = 0
+    for seed in range(RUNS):
+        led, epochs = await one_run(seed)
+        assert led == P  # every partition had a leader at some point
+        elections += epochs
+    assert elections >= RUNS * P
