@@ -348,3 +348,30 @@ async def test_a_preferred_replica_that_comes_back_gets_its_leadership_back(
         nursery.cancel_scope.cancel()
     checker.check()
     hooks.check()
+
+
+async def test_etcd_restart_leaders_step_down_and_come_back(
+    etcd_binary: str, etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    if etcd.version.startswith(("3.5.0", "3.5.1", "3.5.2")):
+        pytest.skip(f"etcd restart tests do not run on etcd {etcd.version}")
+    hooks, checker = HookLog(), Checker()
+    async with clusterkit.open_embedded_etcd(binary=etcd_binary) as server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checker.run)
+            ttl = {"session_ttl": 2.0, "etcd_request_timeout": 0.5}
+            nodes = await start_all(
+                nursery, ["a", "b", "c"], server.endpoints, "/r", hooks, checker, **ttl
+            )
+            await wait_converged(nodes)
+            await wait_leaders(nodes)
+            await server.member.kill()
+            with trio.fail_after(10):  # everybody self-fences: no leader without etcd
+                while any(n.ck.is_leader(pt) for n in nodes for pt in range(P)):
+                    await trio.sleep(0.01)
+            await server.member.restart()
+            await wait_converged(nodes, timeout=30)
+            await wait_leaders(nodes, timeout=20)
+            nursery.cancel_scope.cancel()
+    checker.check()
+    hooks.check()
