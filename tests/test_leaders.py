@@ -278,9 +278,20 @@ async def test_drain_moves_everything_off_before_leaving(
                     events.append(ev)
 
         nursery.start_soon(collect)
+        shortest: list[int] = []
+
+        async def watch_rows() -> None:  # make before break: never fewer than R replicas
+            while True:
+                view = nodes[0].ck.view
+                if view.map is not None:
+                    shortest.append(min(len(row) for row in view.map.replicas))
+                await trio.sleep(0.002)
+
+        nursery.start_soon(watch_rows)
         await trio.sleep(0.01)
         with trio.fail_after(20):
             await nodes[3].ck.leave(drain=True)
+        assert shortest and min(shortest) == 3
         checker.nodes.remove(nodes[3])
         assert await client.get(f"{prefix.rstrip('/')}/nodes/d") is None
         rest = nodes[:3]
