@@ -63,10 +63,11 @@ async def measure(partitions: int, delay: float) -> tuple[float, int, int]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--delay", type=float, default=5.0, help="rebalance_delay (s)")
+    parser.add_argument("--partitions", type=int, nargs="+", default=[256, 4096])
     args = parser.parse_args()
     print(f"rebalance_delay = {args.delay} s; goal: cold start <= {args.delay + 1:.1f} s")
     print(f"{'P':>6} {'cold start (s)':>15} {'writes per join':>16} {'raft entries':>13}")
-    for p in (256, 4096, 65536):
+    for p in args.partitions:
         cold, writes, raft = await measure(p, args.delay)
         print(f"{p:6d} {cold:15.2f} {writes:16d} {raft:13d}")
 

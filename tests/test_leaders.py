@@ -183,6 +183,9 @@ async def test_graceful_leave_hands_leadership_over_at_once(
             while not all(any(n.ck.is_leader(pt) for n in (nodes[0], nodes[2])) for pt in led_by_b):
                 await trio.sleep(0.005)
         assert trio.current_time() - start < 2
+        with trio.fail_after(2):  # a's view catches up with the new leader keys
+            while any(nodes[0].ck.leader_epoch(pt) in (None, old[pt]) for pt in led_by_b):
+                await trio.sleep(0.005)
         for pt in led_by_b:
             new = nodes[0].ck.leader_epoch(pt)
             assert new is not None and new > (old[pt] or 0)

@@ -47,7 +47,7 @@ from .._core.records import Node
 from .._core.view import EMPTY_VIEW, ClusterView
 from .._errors import EtcdError
 from .._etcd.client import EtcdClient
-from .._etcd.types import Compare, Op
+from .._etcd.types import Compare, KeyValue, Op, RangeResult
 from .._events import (
     ClusterEvent,
     LeaderElected,
@@ -61,6 +61,7 @@ from .cell import Latest
 from .membership import Session
 
 STAGGER = 0.05  # seconds per rank before a non-preferred replica campaigns
+PREFERRED_GRACE = 1.0  # extra wait while the preferred replica is registered
 LOST_HOOK_TIMEOUT = 5.0  # bound on on_leader_lost when the node leaves
 HANDOVER_BACKOFF = 0.25  # seconds; doubles with each handover the preferred did not take
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
@@ -327,6 +328,11 @@ class PartitionActor:
         if self._no_leader_since is None:
             self._no_leader_since = now
         campaign_at = self._no_leader_since + rank * STAGGER
+        if rank > 0 and row[0] == alive[0]:
+            # The preferred replica is registered and should win in a moment; campaigning
+            # now would only cost etcd a failing Txn per partition (thousands at a cold
+            # start). Step in only if it has not taken the partition after a grace period.
+            campaign_at += PREFERRED_GRACE
         if now < campaign_at:
             return campaign_at
         await self._campaign(session, view)
@@ -338,20 +344,25 @@ class PartitionActor:
         try:
             txn = await ctx.client.txn(
                 [Compare.create_revision(self._key, "=", 0)],
-                [Op.put(self._key, self._me, lease=session.lease_id)],
+                [Op.put(self._key, self._me, lease=session.lease_id), Op.get(self._key)],
             )
         except EtcdError as exc:
             ctx.config.log.info("clusterkit: campaign for %d failed: %s", self.pt, exc)
             return
         if txn.succeeded:
-            await self._confirm(txn.revision, view)
+            # The Txn read the key back at its own revision: that is the confirmation.
+            read = txn.responses[1]
+            kv = read.kvs[0] if isinstance(read, RangeResult) and read.kvs else None
+            await self._confirm(txn.revision, view, kv)
 
-    async def _confirm(self, epoch: int, view: ClusterView) -> None:
+    async def _confirm(self, epoch: int, view: ClusterView, kv: KeyValue | None = None) -> None:
+        """Lead under ``epoch`` if the key (read back now, or by the winning Txn) is ours."""
         ctx = self._ctx
-        try:
-            kv = await ctx.client.get(self._key)
-        except EtcdError:
-            return
+        if kv is None:
+            try:
+                kv = await ctx.client.get(self._key)
+            except EtcdError:
+                return
         if (
             kv is None
             or kv.create_revision != epoch

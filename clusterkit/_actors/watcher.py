@@ -124,23 +124,28 @@ class WatcherActor:
         async with self._client.watch(self._layout.root, prefix=True, start_revision=start) as w:
             if not self.connected.value:
                 self.connected.set(True)
-            async for batch in w:
-                # A catch-up response carries the store's *current* revision in its header,
-                # not the revision it caught up to: the view (and the resume point) is at
-                # the last event's revision. Only an empty progress notification vouches
-                # for its header revision.
-                revision = batch.events[-1].kv.mod_revision if batch.events else batch.revision
-                for ev in batch.events:
-                    kv = ev.kv
-                    self._note(
-                        self._state.apply(
-                            kv.key,
-                            kv.value if ev.type is EventType.PUT else None,
-                            create_revision=kv.create_revision,
-                            mod_revision=kv.mod_revision,
-                            lease=kv.lease,
+            async for first in w:
+                # Apply everything that has already arrived, then publish ONE snapshot: under
+                # a burst (thousands of leader keys at a cold start) a snapshot per response
+                # would cost O(P) each and fall behind the stream.
+                revision = 0
+                for batch in (first, *w.take_ready()):
+                    # A catch-up response carries the store's *current* revision in its
+                    # header, not the revision it caught up to: the view (and the resume
+                    # point) is at the last event's revision. Only an empty progress
+                    # notification vouches for its header revision.
+                    revision = batch.events[-1].kv.mod_revision if batch.events else batch.revision
+                    for ev in batch.events:
+                        kv = ev.kv
+                        self._note(
+                            self._state.apply(
+                                kv.key,
+                                kv.value if ev.type is EventType.PUT else None,
+                                create_revision=kv.create_revision,
+                                mod_revision=kv.mod_revision,
+                                lease=kv.lease,
+                            )
                         )
-                    )
                 self.views.set(self._state.snapshot(revision))
 
     def _note(self, problem: str | None) -> None:

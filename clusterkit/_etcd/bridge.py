@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 import trio
 
-_CREDITS = 4096
+_CREDITS = 16384  # responses in flight per stream (QUEUE_LIMIT per watch is lower)
 _STOP = object()
 
 

@@ -50,7 +50,7 @@ from .types import Event, EventType, KeyValue, WatchBatch
 if TYPE_CHECKING:
     from .client import EtcdClient
 
-QUEUE_LIMIT = 512  # responses a watch may hold unconsumed before it is failed
+QUEUE_LIMIT = 4096  # responses a watch may hold unconsumed before it is failed
 
 _FILTERS = {
     "noput": rpc_pb2.WatchCreateRequest.NOPUT,
@@ -172,6 +172,19 @@ class Watch:
             self._queue.popleft()
             self._release(credit)
             return item
+
+    def take_ready(self) -> list[WatchBatch]:
+        """Every batch that has already arrived, without waiting (and without a checkpoint).
+
+        Stops before a terminal error, which the next ``__anext__`` raises.
+        """
+        taken: list[WatchBatch] = []
+        while self._queue and not isinstance(self._queue[0][0], EtcdError):
+            item, credit = self._queue.popleft()
+            self._release(credit)
+            assert not isinstance(item, EtcdError)
+            taken.append(item)
+        return taken
 
     async def aclose(self) -> None:
         """Cancel the watch on the server and release everything it holds."""

@@ -125,6 +125,15 @@ class MemoryWatch:
             self._queue.popleft()
             return item
 
+    def take_ready(self) -> list[WatchBatch]:
+        """Every batch already delivered, without waiting (like ``Watch.take_ready``)."""
+        taken: list[WatchBatch] = []
+        while self._queue and not isinstance(self._queue[0], EtcdError):
+            item = self._queue.popleft()
+            assert not isinstance(item, EtcdError)
+            taken.append(item)
+        return taken
+
     async def aclose(self) -> None:
         """Cancel the watch. Idempotent."""
         if self._closed:
