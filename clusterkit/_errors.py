@@ -9,6 +9,8 @@ catch the whole library with one ``except``. The tree::
     ├── NodeIdConflict              another live node already uses this node id
     ├── ClusterMismatch             the stored cluster has another P or R than this node
     ├── EventStreamOverflow         an events() subscriber fell too far behind
+    ├── PeerError                   talking to another node failed
+    │   └── PeerProtocolError       a peer sent something that is not our protocol
     ├── NotLeader                   this node does not lead the partition
     │   └── LeadershipLost          leadership ended inside ``async with ck.leadership(pt)``
     └── EtcdError                   a call to etcd failed
@@ -61,6 +63,14 @@ class ClusterMismatch(ClusterKitError):
 
 class EventStreamOverflow(ClusterKitError):
     """An ``events()`` subscriber fell too far behind and was dropped."""
+
+
+class PeerError(ClusterKitError):
+    """Talking to another node failed."""
+
+
+class PeerProtocolError(PeerError):
+    """A peer sent bytes or messages outside the protocol; its connection is closed."""
 
 
 class NotLeader(ClusterKitError):

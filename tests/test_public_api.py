@@ -32,6 +32,8 @@ TOP_LEVEL = {
     "Node",
     "NodeIdConflict",
     "NotLeader",
+    "PeerError",
+    "PeerProtocolError",
     "PartitionAssigned",
     "PartitionUnassigned",
     "PermissionDenied",
