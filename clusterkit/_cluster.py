@@ -218,7 +218,11 @@ class ClusterKit:
         if partition not in self._leadership.epochs:
             return False
         session = self._session.value
-        return session is not None and trio.current_time() < session.deadline - self._margin
+        return (
+            session is not None
+            and session.generation == self._leadership.generations.get(partition)
+            and trio.current_time() < session.deadline - self._margin
+        )
 
     @asynccontextmanager
     async def leadership(self, partition: int) -> AsyncIterator[int]:

@@ -72,9 +72,13 @@ class Leadership:
     """What the node leads right now; read by ``ClusterKit.is_leader`` on every call."""
 
     epochs: dict[int, int] = field(default_factory=dict)
+    # The session generation each leadership was won under: a leadership never outlives
+    # its session, even for the moment between a rejoin and the actor noticing it.
+    generations: dict[int, int] = field(default_factory=dict)
     scopes: dict[int, set[trio.CancelScope]] = field(default_factory=dict)
 
     def end(self, partition: int) -> int | None:
+        self.generations.pop(partition, None)
         epoch = self.epochs.pop(partition, None)
         for scope in self.scopes.pop(partition, set()):
             scope.cancel()
@@ -279,6 +283,10 @@ class PartitionActor:
             gone = view.revision >= self._epoch and (
                 owner is None or owner.create_revision != self._epoch
             )
+            won_under = ctx.leadership.generations.get(pt)
+            if session is not None and session.generation != won_under:
+                await self._step_down(view, resign=False)  # that lease is gone with its keys
+                return None
             if session is None or now >= fence_at or gone:
                 reachable = session is not None and now < fence_at
                 await self._step_down(view, resign=reachable and not gone)
@@ -378,6 +386,7 @@ class PartitionActor:
         if not calls:
             return
         self._epoch = epoch
+        ctx.leadership.generations[self.pt] = session.generation
         ctx.leadership.epochs[self.pt] = epoch
         ctx.count("elections")
         if not await self._run_hook("on_leader_elected", (self.pt,), LeaderElected(self.pt, epoch)):
