@@ -274,10 +274,19 @@ class ClusterKit:
             return
         if drain:
             done = trio.Event()
-            await self._membership.send(Drain(done))
-            await done.wait()
+            try:
+                await self._membership.send(Drain(done))
+                await done.wait()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.config.log.warning("clusterkit %s: drain: membership stopped", self.node_id)
             me = self.node_id
-            await self._views.wait_for(lambda v: v.map is not None and me not in v.map.node_ids())
+            # Done when nothing maps to this node any more — or when nobody is left to take
+            # over (the last node, or every node draining): then there is nothing to move.
+            await self._views.wait_for(
+                lambda v: (
+                    v.map is None or me not in v.map.node_ids() or not (v.active_node_ids() - {me})
+                )
+            )
             if self._supervisor is not None:  # the last on_partition_unassigned hooks ran
                 await self._supervisor.active.wait_for(lambda n: n == 0)
         self._left = True

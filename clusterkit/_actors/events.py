@@ -56,11 +56,15 @@ class EventHub:
     def __init__(self) -> None:
         self._subscribers: dict[EventStream, trio.MemorySendChannel[ClusterEvent]] = {}
         self.emitted = 0
+        self.closed = False
 
     def subscribe(self) -> EventStream:
         send, receive = trio.open_memory_channel[ClusterEvent](BUFFER)
         stream = EventStream(self, receive)
-        self._subscribers[stream] = send
+        if self.closed:
+            send.close()  # the node has left: the stream ends at once
+        else:
+            self._subscribers[stream] = send
         return stream
 
     def unsubscribe(self, stream: EventStream) -> None:
@@ -81,5 +85,6 @@ class EventHub:
 
     def close(self) -> None:
         """End every subscriber's iteration (the node is leaving)."""
+        self.closed = True
         for stream in list(self._subscribers):
             self.unsubscribe(stream)

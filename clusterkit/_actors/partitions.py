@@ -161,12 +161,15 @@ class PartitionActor:
         version = -1
         try:
             while True:
+                # Both versions are taken before the step, so a change during it (hooks and
+                # etcd calls await) wakes the next wait at once instead of being missed.
                 view, version = self._views.value, self._views.version
+                gen_version = self._ctx.session_gen.version
                 wake = await self._step(view)
                 if self._track.role is Role.NONE and self._epoch is None:
                     return
                 with trio.move_on_at(wake if wake is not None else float("inf")):
-                    await _wait_any(self._views, version, self._ctx.session_gen)
+                    await _wait_any(self._views, version, self._ctx.session_gen, gen_version)
         finally:
             if self._epoch is not None:
                 # Stopped while leading (the node leaves): the app hears on_leader_lost before
@@ -179,8 +182,8 @@ class PartitionActor:
     async def _step(self, view: ClusterView) -> float | None:
         pt, me = self.pt, self._me
         role = role_of(view.map, pt, me)
-        if role is Role.NONE and self._epoch is not None:
-            await self._step_down(view, resign=True)
+        if role is not Role.REPLICA and self._epoch is not None:
+            await self._step_down(view, resign=True)  # only committed replicas lead
         row = view.map.replicas[pt] if view.map is not None else ()
         self._track, calls = transition(
             self._track,
@@ -206,14 +209,20 @@ class PartitionActor:
     # -- hooks ---------------------------------------------------------------------------
 
     async def _assigned(self, call: HookCall, view: ClusterView) -> bool:
-        """Run on_partition_assigned until it succeeds; False if the role went away first."""
+        """Run on_partition_assigned until it succeeds; False if the role went away first.
+
+        Every retry asks the newest view who to pull from: the previous owner may have died.
+        """
         backoff = RETRY_MIN
         while True:
+            role = role_of(view.map, self.pt, self._me)
+            call = HookCall(call.hook, self.pt, _previous_owner(view, self.pt, self._me, role))
             if await self._call(call, view):
                 return True
             with trio.move_on_after(backoff):
                 await self._views.wait_for(lambda v: role_of(v.map, self.pt, self._me) is Role.NONE)
                 return False
+            view = self._views.value
             backoff = min(backoff * 2, RETRY_MAX)
 
     async def _call(self, call: HookCall, view: ClusterView) -> bool:
@@ -250,6 +259,8 @@ class PartitionActor:
             except Exception:
                 ctx.count(f"{name}_errors")
                 ctx.config.log.exception("clusterkit %s: %s%r raised", self._me, name, args)
+                if name != "on_partition_assigned":
+                    ctx.emit(event)  # it happened all the same: keep the stream in order
                 return False
         ctx.count(name)
         ctx.emit(event)
@@ -324,8 +335,9 @@ class PartitionActor:
                     # again; remove it so a fresh campaign gives a new, higher epoch.
                     await self._resign(owner.create_revision)
                     return now + RETRY_MIN  # etcd may not have answered yet
-                else:
-                    await self._confirm(owner.create_revision, view)  # ours, this session
+                await self._confirm(owner.create_revision, view)  # ours, this session
+                if self._epoch is None:
+                    return now + RETRY_MIN  # not confirmed (etcd blip, late keepalive): again
             elif row and row[0] == me and (pt, me) not in view.ready:
                 return await self._mark_ready()  # preferred and ready: ask for the lead back
             return None
@@ -343,10 +355,12 @@ class PartitionActor:
             campaign_at += PREFERRED_GRACE
         if now < campaign_at:
             return campaign_at
-        await self._campaign(session, view)
+        if not await self._campaign(session, view):
+            return now + RETRY_MIN  # etcd did not answer: campaign again
         return None
 
-    async def _campaign(self, session: Session, view: ClusterView) -> None:
+    async def _campaign(self, session: Session, view: ClusterView) -> bool:
+        """Try to create the leader key; False when etcd could not be asked."""
         ctx = self._ctx
         ctx.count("campaigns")
         try:
@@ -356,12 +370,13 @@ class PartitionActor:
             )
         except EtcdError as exc:
             ctx.config.log.info("clusterkit: campaign for %d failed: %s", self.pt, exc)
-            return
+            return False
         if txn.succeeded:
             # The Txn read the key back at its own revision: that is the confirmation.
             read = txn.responses[1]
             kv = read.kvs[0] if isinstance(read, RangeResult) and read.kvs else None
             await self._confirm(txn.revision, view, kv)
+        return True
 
     async def _confirm(self, epoch: int, view: ClusterView, kv: KeyValue | None = None) -> None:
         """Lead under ``epoch`` if the key (read back now, or by the winning Txn) is ours."""
@@ -424,8 +439,10 @@ _HOOK_NAMES = {
 }
 
 
-async def _wait_any(views: Latest[ClusterView], version: int, session: Latest[Any]) -> None:
-    """Return when the partition's view or the session changes."""
+async def _wait_any(
+    views: Latest[ClusterView], version: int, session: Latest[Any], session_version: int
+) -> None:
+    """Return when the partition's view or the session changes (after the given versions)."""
     async with trio.open_nursery() as nursery:
 
         async def view_changed() -> None:
@@ -433,7 +450,7 @@ async def _wait_any(views: Latest[ClusterView], version: int, session: Latest[An
             nursery.cancel_scope.cancel()
 
         async def session_changed() -> None:
-            await session.wait_newer(session.version)
+            await session.wait_newer(session_version)
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(view_changed)

@@ -85,6 +85,12 @@ def plan(
             for pt, row in enumerate(previous.replicas)
         }
     target = assign(intended, placeable, partitions, replica_factor)
+
+    def announced(pt: int) -> tuple[str, ...]:
+        # A ready marker counts only for a move the stored map already announced: a marker
+        # left from an earlier, abandoned move must not commit a new one before its hook ran.
+        return previous.pending.get(pt, ()) if previous is not None else ()
+
     replicas: list[tuple[str, ...]] = []
     pending: dict[int, tuple[str, ...]] = {}
     committed: list[int] = []
@@ -93,7 +99,7 @@ def plan(
         joining = [n for n in goal if n not in current]
         if goal == current:
             replicas.append(current)
-        elif not current or all((pt, n) in ready_set for n in joining):
+        elif not current or all((pt, n) in ready_set and n in announced(pt) for n in joining):
             replicas.append(goal)
             if joining:
                 committed.append(pt)

@@ -97,6 +97,12 @@ def transition(
     """
     calls: list[HookCall] = []
     peers_t = tuple(peers)
+    if track.role is Role.REPLICA and role is Role.JOINING:
+        # Demoted from replica to joining (e.g. it was cut off and the partition moved on
+        # without it): its data is stale, so it is unassigned and must pull again.
+        track, calls = transition(
+            track, Role.NONE, (), partition=partition, previous_owner=None, new_owner=new_owner
+        )
     if role is Role.NONE:
         if track.leading:
             calls.append(HookCall("leader_lost", partition))

@@ -27,6 +27,14 @@ def test_join_then_commit_then_leave() -> None:
     assert t == Track()
 
 
+def test_a_replica_demoted_to_joining_is_unassigned_and_pulls_again() -> None:
+    t, _ = calls_of(Track(), Role.REPLICA, ["a"])
+    t, _ = leadership(t, True, 1)
+    t, c = calls_of(t, Role.JOINING, [])
+    assert c == ["leader_lost", "unassigned", "assigned"]
+    assert t.assigned and not t.leading and t.role is Role.JOINING
+
+
 def test_elected_needs_assigned_and_never_twice() -> None:
     t, lead = leadership(Track(), True, 1)
     assert lead == []
