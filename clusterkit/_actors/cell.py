@@ -10,12 +10,24 @@ Commands between actors still go through memory channels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import trio
 
 T = TypeVar("T")
+
+
+async def wait_first(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as the first of ``waits`` returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+
+        async def run(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(run, wait)
 
 
 class Latest(Generic[T]):

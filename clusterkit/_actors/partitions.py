@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -57,7 +58,7 @@ from .._events import (
     ReplicaAdded,
     ReplicaRemoved,
 )
-from .cell import Latest
+from .cell import Latest, wait_first
 from .membership import Session
 
 STAGGER = 0.05  # seconds per rank before a non-preferred replica campaigns
@@ -169,7 +170,10 @@ class PartitionActor:
                 if self._track.role is Role.NONE and self._epoch is None:
                     return
                 with trio.move_on_at(wake if wake is not None else float("inf")):
-                    await _wait_any(self._views, version, self._ctx.session_gen, gen_version)
+                    await wait_first(
+                        partial(self._views.wait_newer, version),
+                        partial(self._ctx.session_gen.wait_newer, gen_version),
+                    )
         finally:
             if self._epoch is not None:
                 # Stopped while leading (the node leaves): the app hears on_leader_lost before
@@ -437,24 +441,6 @@ _HOOK_NAMES = {
     "replica_added": "replica_added",
     "replica_removed": "replica_removed",
 }
-
-
-async def _wait_any(
-    views: Latest[ClusterView], version: int, session: Latest[Any], session_version: int
-) -> None:
-    """Return when the partition's view or the session changes (after the given versions)."""
-    async with trio.open_nursery() as nursery:
-
-        async def view_changed() -> None:
-            await views.wait_newer(version)
-            nursery.cancel_scope.cancel()
-
-        async def session_changed() -> None:
-            await session.wait_newer(session_version)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(view_changed)
-        nursery.start_soon(session_changed)
 
 
 class PartitionSupervisor:

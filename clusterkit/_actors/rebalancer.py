@@ -32,7 +32,7 @@ from .._core.view import ClusterView
 from .._errors import ClusterMismatch, EtcdError
 from .._etcd.client import EtcdClient
 from .._etcd.types import Compare, Op
-from .cell import Latest
+from .cell import Latest, wait_first
 from .membership import Session
 
 INLINE_ASSIGN_LIMIT = 8192  # replicas; bigger maps are computed in a worker thread
@@ -118,24 +118,14 @@ class RebalancerActor:
         self, version: int, session: Session
     ) -> tuple[ClusterView, int]:
         """The next view; returns early (with the current view) when the session changes."""
-        if version < 0:
-            return self._views.value, self._views.version
-        async with trio.open_nursery() as nursery:
-            result: list[tuple[ClusterView, int]] = []
-
-            async def next_view() -> None:
-                result.append(await self._views.wait_newer(version))
-                nursery.cancel_scope.cancel()
-
-            async def session_change() -> None:
-                await self._session.wait_for(
+        if version >= 0:
+            await wait_first(
+                lambda: self._views.wait_newer(version),
+                lambda: self._session.wait_for(
                     lambda s: s is None or s.generation != session.generation
-                )
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(next_view)
-            nursery.start_soon(session_change)
-        return result[0] if result else (self._views.value, self._views.version)
+                ),
+            )
+        return self._views.value, self._views.version
 
     def _check_compatible(self, view: ClusterView) -> None:
         cfg = self._config

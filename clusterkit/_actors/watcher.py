@@ -31,7 +31,7 @@ from .._core.keys import KeyLayout
 from .._core.view import ClusterView, ViewState
 from .._errors import EtcdError, RevisionCompacted
 from .._etcd.client import EtcdClient
-from .._etcd.types import EventType
+from .._etcd.types import EventType, KeyValue
 from .cell import Latest
 
 
@@ -94,15 +94,7 @@ class WatcherActor:
         snapshot = await self._client.get_prefix(self._layout.root)
         self._state.reset()
         for kv in snapshot.kvs:
-            self._note(
-                self._state.apply(
-                    kv.key,
-                    kv.value,
-                    create_revision=kv.create_revision,
-                    mod_revision=kv.mod_revision,
-                    lease=kv.lease,
-                )
-            )
+            self._apply(kv, deleted=False)
         self.views.set(self._state.snapshot(snapshot.revision))
         self.connected.set(True)
 
@@ -136,19 +128,17 @@ class WatcherActor:
                     # notification vouches for its header revision.
                     revision = batch.events[-1].kv.mod_revision if batch.events else batch.revision
                     for ev in batch.events:
-                        kv = ev.kv
-                        self._note(
-                            self._state.apply(
-                                kv.key,
-                                kv.value if ev.type is EventType.PUT else None,
-                                create_revision=kv.create_revision,
-                                mod_revision=kv.mod_revision,
-                                lease=kv.lease,
-                            )
-                        )
+                        self._apply(ev.kv, deleted=ev.type is EventType.DELETE)
                 self.views.set(self._state.snapshot(revision))
 
-    def _note(self, problem: str | None) -> None:
+    def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
+        problem = self._state.apply(
+            kv.key,
+            None if deleted else kv.value,
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+            lease=kv.lease,
+        )
         if problem is not None:
             self.garbage += 1
             self._log.warning("clusterkit: ignoring %s", problem)

@@ -30,7 +30,7 @@ are returned for deletion in the same write.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from .assignment import assign
@@ -167,8 +167,3 @@ def joining(record: MapRecord, partition: int) -> tuple[str, ...]:
         return ()
     current = record.replicas[partition]
     return tuple(n for n in row if n not in current)
-
-
-def serving_counts(record: MapRecord, alive: Collection[str]) -> Mapping[int, int]:
-    """Per partition, how many committed replicas are on live nodes (for invariant checks)."""
-    return {pt: sum(1 for n in row if n in alive) for pt, row in enumerate(record.replicas)}

@@ -45,17 +45,6 @@ def role_of(record: MapRecord | None, partition: int, node_id: str) -> Role:
     return Role.NONE
 
 
-def my_partitions(record: MapRecord | None, node_id: str) -> dict[int, Role]:
-    """Every partition where ``node_id`` has a role other than NONE."""
-    if record is None:
-        return {}
-    roles = {pt: Role.REPLICA for pt, row in enumerate(record.replicas) if node_id in row}
-    for pt, row in record.pending.items():
-        if node_id in row and pt not in roles:
-            roles[pt] = Role.JOINING
-    return roles
-
-
 @dataclass(frozen=True, slots=True)
 class HookCall:
     """One hook to run: its name (``"assigned"``, ...) and its node argument, if any."""

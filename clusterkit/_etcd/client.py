@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import trio
@@ -26,6 +26,7 @@ from .pb.authpb import auth_pb2
 from .pb.etcdserverpb import rpc_pb2
 from .status import translate
 from .types import (
+    COMPARE_OPS,
     Compare,
     DeleteOp,
     DeleteResult,
@@ -63,7 +64,7 @@ def _compare_pb(c: Compare) -> Any:
     pb = rpc_pb2.Compare(
         key=c.key,
         target=c.target,
-        result={"=": 0, ">": 1, "<": 2, "!=": 3}[c.op],
+        result=COMPARE_OPS[c.op],
         range_end=c.range_end,
     )
     if c.target == 3:
@@ -115,6 +116,33 @@ def _put_result(resp: Any) -> PutResult:
 def _delete_result(resp: Any) -> DeleteResult:
     prev = tuple(KeyValue.from_pb(kv) for kv in resp.prev_kvs)
     return DeleteResult(resp.header.revision, resp.deleted, prev)
+
+
+class _RangeCall(Protocol):
+    async def __call__(
+        self, key: Key, *, range_end: Key | None, revision: int, limit: int
+    ) -> RangeResult: ...
+
+
+async def read_all_pages(
+    range_call: _RangeCall, prefix: Key, revision: int, page_size: int
+) -> RangeResult:
+    """Every key under ``prefix`` at one revision, read in pages (shared by both clients).
+
+    The first page fixes the revision unless one is given; later pages are read at it.
+    """
+    if page_size <= 0:
+        raise ValueError("page_size must be > 0")
+    start = to_bytes(prefix)
+    end = prefix_end(start)
+    kvs: list[KeyValue] = []
+    while True:
+        page = await range_call(start, range_end=end, revision=revision, limit=page_size)
+        revision = revision or page.revision
+        kvs.extend(page.kvs)
+        if not page.more or not page.kvs:
+            return RangeResult(tuple(kvs), revision, len(kvs), False)
+        start = page.kvs[-1].key + b"\x00"
 
 
 class EtcdClient:
@@ -288,18 +316,7 @@ class EtcdClient:
         further page is read at that same revision, so the result is a consistent snapshot
         however many keys there are, and no single answer exceeds gRPC's message limits.
         """
-        if page_size <= 0:
-            raise ValueError("page_size must be > 0")
-        start = to_bytes(prefix)
-        end = prefix_end(start)
-        kvs: list[KeyValue] = []
-        while True:
-            page = await self.range(start, range_end=end, revision=revision, limit=page_size)
-            revision = revision or page.revision
-            kvs.extend(page.kvs)
-            if not page.more or not page.kvs:
-                return RangeResult(tuple(kvs), revision, len(kvs), False)
-            start = page.kvs[-1].key + b"\x00"
+        return await read_all_pages(self.range, prefix, revision, page_size)
 
     async def put(
         self,

@@ -75,7 +75,7 @@ class _Target(enum.IntEnum):
     LEASE = 4
 
 
-_OPS: dict[str, int] = {"=": 0, ">": 1, "<": 2, "!=": 3}
+COMPARE_OPS: dict[str, int] = {"=": 0, ">": 1, "<": 2, "!=": 3}  # Compare.CompareResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +92,8 @@ class Compare:
     range_end: bytes = b""
 
     def __post_init__(self) -> None:
-        if self.op not in _OPS:
-            raise ValueError(f"compare op must be one of {sorted(_OPS)}, got {self.op!r}")
+        if self.op not in COMPARE_OPS:
+            raise ValueError(f"compare op must be one of {sorted(COMPARE_OPS)}, got {self.op!r}")
 
     @classmethod
     def value(cls, key: Key, op: CompareOp, value: Key) -> Compare:

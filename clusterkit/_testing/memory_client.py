@@ -15,6 +15,7 @@ import trio
 
 from .._errors import EtcdTimeout, EtcdUnavailable
 from .._etcd.channel import EtcdConfig
+from .._etcd.client import read_all_pages
 from .._etcd.types import (
     Compare,
     DeleteOp,
@@ -179,18 +180,7 @@ class MemoryEtcdClient:
         self, prefix: Key, *, revision: int = 0, page_size: int = 1000
     ) -> RangeResult:
         """Read every key under ``prefix`` at ONE revision, in pages of ``page_size`` keys."""
-        if page_size <= 0:
-            raise ValueError("page_size must be > 0")
-        start = to_bytes(prefix)
-        end = prefix_end(start)
-        kvs: list[KeyValue] = []
-        while True:
-            page = await self.range(start, range_end=end, revision=revision, limit=page_size)
-            revision = revision or page.revision
-            kvs.extend(page.kvs)
-            if not page.more or not page.kvs:
-                return RangeResult(tuple(kvs), revision, len(kvs), False)
-            start = page.kvs[-1].key + b"\x00"
+        return await read_all_pages(self.range, prefix, revision, page_size)
 
     async def put(
         self,
