@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 
 import mmh3
 import trio
@@ -36,7 +37,12 @@ from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView
 from ._errors import LeadershipLost, NotLeader
 from ._etcd.client import EtcdClient, open_etcd_client
-from ._etcd.embedded import free_port, open_embedded_etcd
+from ._etcd.embedded import open_embedded_etcd
+from ._peers.secret import configured_secret, shared_secret
+from ._peers.service import Peers
+from ._peers.session import Handler, StreamHandler
+from ._peers.tls import client_context, server_context
+from ._peers.transport import PeerPool, serve_peers
 
 LEAVE_TIMEOUT = 5.0
 
@@ -90,6 +96,8 @@ class ClusterKit:
         self._events = events
         self._margin = margin
         self._supervisor: PartitionSupervisor | None = None
+        self.peers: Peers
+        """Talk to other nodes (requests, one-way messages, streams); see :class:`Peers`."""
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -332,9 +340,8 @@ async def _etcd_endpoints(config: Config) -> AsyncIterator[tuple[str, ...]]:
         yield etcd.endpoints
 
 
-def _node_record(config: Config) -> Node:
+def _node_record(config: Config, http: int) -> Node:
     host = config.advertise_addr
-    http = config.http_port or free_port("127.0.0.1")
     return Node(
         id=config.node_id,
         addr=host,
@@ -376,6 +383,59 @@ async def _real_etcd(config: Config) -> AsyncIterator[EtcdClient]:
         yield etcd
 
 
+async def _start_peers(
+    nursery: trio.Nursery,
+    config: Config,
+    etcd: EtcdClient,
+    layout: KeyLayout,
+    views: Latest[ClusterView],
+) -> Peers:
+    """Serve this node's peer endpoint (bound before the node registers its address) and
+    set up the outgoing connection pool."""
+    if config.cluster_secret is not None:
+        secret = configured_secret(config.cluster_secret)
+    else:
+        secret = await shared_secret(etcd, layout, create=True)
+    handlers: dict[str, Handler] = {}
+    stream_handlers: dict[str, StreamHandler] = {}
+    server_tls = client_tls = None
+    if config.peer_tls_cert is not None and config.peer_tls_key is not None:
+        server_tls = server_context(config.peer_tls_cert, config.peer_tls_key)
+    if config.peer_tls_ca is not None:
+        client_tls = client_context(config.peer_tls_ca, config.peer_tls_cert, config.peer_tls_key)
+    port: int = await nursery.start(
+        partial(
+            serve_peers,
+            config.node_id,
+            secret,
+            handlers,
+            config.bind_addr or config.advertise_addr,
+            config.http_port,
+            stream_handlers=stream_handlers,
+            max_frame=config.peer_max_message,
+            ssl_context=server_tls,
+        )
+    )
+    pool = PeerPool(
+        nursery,
+        config.node_id,
+        secret,
+        handlers,
+        stream_handlers,
+        max_frame=config.peer_max_message,
+        ssl_context=client_tls,
+    )
+    peers = Peers(
+        pool,
+        lambda node_id: views.value.nodes.get(node_id),
+        timeout=config.peer_timeout,
+        handlers=handlers,
+        stream_handlers=stream_handlers,
+    )
+    peers.address = f"{config.advertise_addr}:{port}"
+    return peers
+
+
 @asynccontextmanager
 async def _open_node(
     config: Config, etcd_cm: AbstractAsyncContextManager[EtcdClient]
@@ -385,14 +445,12 @@ async def _open_node(
     try:
         async with etcd_cm as etcd:
             layout = KeyLayout(config.etcd_prefix)
-            node = _node_record(config)
             views: Latest[ClusterView] = Latest(EMPTY_VIEW, "view")
             session: Latest[Session | None] = Latest(None, "session")
             connected: Latest[bool] = Latest(False, "connected")
             send, receive = trio.open_memory_channel[MembershipMessage](1)
-            membership = MembershipActor(etcd, config, layout, node, session, receive)
             watcher = WatcherActor(etcd, config, layout, views, connected)
-            rebalancer = RebalancerActor(etcd, config, layout, node.id, session, views)
+            rebalancer = RebalancerActor(etcd, config, layout, config.node_id, session, views)
             hub = EventHub()
             leaders = Leadership()
             margin = leader_margin(config.session_ttl)
@@ -401,7 +459,7 @@ async def _open_node(
                     config=config,
                     client=etcd,
                     layout=layout,
-                    node_id=node.id,
+                    node_id=config.node_id,
                     session=session,
                     leadership=leaders,
                     limiter=trio.CapacityLimiter(config.hook_concurrency),
@@ -411,6 +469,9 @@ async def _open_node(
                 views,
             )
             async with trio.open_nursery() as nursery:
+                peers = await _start_peers(nursery, config, etcd, layout, views)
+                node = _node_record(config, int(peers.address.rpartition(":")[2]))
+                membership = MembershipActor(etcd, config, layout, node, session, receive)
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
                 await nursery.start(rebalancer.run)
@@ -427,6 +488,7 @@ async def _open_node(
                     hub,
                     margin,
                 )
+                ck.peers = peers
                 ck._actors = [membership, watcher, rebalancer, partitions]
                 ck._supervisor = partitions
                 try:
@@ -442,6 +504,7 @@ async def _open_node(
                         with trio.move_on_after(LEAVE_TIMEOUT):
                             await partitions.stop()
                         hub.close()
+                        await peers._pool.aclose()
                         nursery.cancel_scope.cancel()
                         with trio.move_on_after(LEAVE_TIMEOUT):
                             await membership.close()

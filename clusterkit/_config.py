@@ -46,6 +46,21 @@ def _positive(name: str, value: object) -> None:
         raise ConfigError(name, "must be a positive number of seconds")
 
 
+def _check_secret(value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str | bytes) or len(value) < 16:
+        raise ConfigError("cluster_secret", "must be None or a str/bytes of at least 16")
+
+
+def _check_peer_tls(cert: object, key: object, ca: object) -> None:
+    for name, value in (("peer_tls_cert", cert), ("peer_tls_key", key), ("peer_tls_ca", ca)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(name, "must be a path to a PEM file, or None")
+    if (cert is None) != (key is None):
+        raise ConfigError("peer_tls_cert", "peer_tls_cert and peer_tls_key go together")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """Configuration of one clusterkit node.
@@ -77,6 +92,14 @@ class Config:
         embedded_etcd_binary: etcd binary for the embedded etcd (default: see README).
         embedded_etcd_dir: data directory for the embedded etcd (default: temporary).
         hook_concurrency: hooks of different partitions that may run at once. Default 16.
+        cluster_secret: the secret peers (and routing clients) prove they know when they
+            connect. Default None: the first node stores a random one at ``P/secret`` and
+            everyone reads it from etcd (so etcd read access is peer access).
+        bind_addr: the address the peer endpoint listens on. Default: advertise_addr.
+        peer_timeout: default deadline of a peer request, in seconds. Default 5.
+        peer_tls_cert, peer_tls_key: PEM files: serve the peer endpoint over TLS (wss).
+        peer_tls_ca: PEM file: verify peers' TLS certificates (turns TLS on for calls).
+        peer_max_message: largest websocket message accepted, in bytes. Default 16 MiB.
     """
 
     node_id: str
@@ -110,6 +133,13 @@ class Config:
     embedded_etcd_binary: str | None = None
     embedded_etcd_dir: str | None = None
     hook_concurrency: int = 16
+    cluster_secret: str | bytes | None = field(default=None, repr=False)
+    bind_addr: str | None = None
+    peer_timeout: float = 5.0
+    peer_tls_cert: str | None = None
+    peer_tls_key: str | None = None
+    peer_tls_ca: str | None = None
+    peer_max_message: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not valid_node_id(self.node_id):
@@ -182,6 +212,19 @@ class Config:
         _positive("etcd_request_timeout", self.etcd_request_timeout)
         if self.etcd_endpoints:
             self.etcd_config()  # validates endpoints, TLS and auth pairs
+        _check_secret(self.cluster_secret)
+        if self.bind_addr is not None and (
+            not isinstance(self.bind_addr, str) or not self.bind_addr
+        ):
+            raise ConfigError("bind_addr", "must be a non-empty address or None")
+        _positive("peer_timeout", self.peer_timeout)
+        _check_peer_tls(self.peer_tls_cert, self.peer_tls_key, self.peer_tls_ca)
+        if (
+            not isinstance(self.peer_max_message, int)
+            or isinstance(self.peer_max_message, bool)
+            or not 4096 <= self.peer_max_message <= 1 << 30
+        ):
+            raise ConfigError("peer_max_message", "must be an integer from 4096 to 2**30")
 
     @property
     def log(self) -> logging.Logger:
@@ -207,3 +250,86 @@ class Config:
     def hooks(self) -> dict[str, Hook]:
         """The hooks that are set, by name."""
         return {n: h for n in HOOK_NAMES if (h := getattr(self, n)) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """Configuration of a routing client (:func:`clusterkit.open_client`).
+
+    Attributes:
+        etcd_endpoints: etcd members to read the cluster from (required).
+        etcd_prefix: the cluster's key prefix. Default ``"/clusterkit"``.
+        cache_enabled: keep a watch-updated view of the cluster (default True). False: read
+            the cluster from etcd before every routing call that waits (``request``,
+            ``refresh``); the plain getters answer from the last read.
+        cache_ttl: with the cache on, how old the view may get while its watch is broken
+            before ``request`` re-reads it from etcd first. Default 30 s.
+        dial_timeout: seconds to wait for etcd at start. Default 5.
+        request_timeout: the whole budget of one ``request``, retries included. Default 5.
+        cluster_secret: the peers' shared secret; None reads it from ``P/secret``.
+        client_id: the id this client presents to nodes. Default ``client-<random>``.
+        peer_tls_ca: PEM file: call nodes over TLS and verify their certificates.
+        etcd_ca_cert, etcd_cert, etcd_key, etcd_username, etcd_password: etcd TLS/auth.
+        logger: the logger to use. Default ``logging.getLogger("clusterkit.client")``.
+    """
+
+    etcd_endpoints: Sequence[str]
+    etcd_prefix: str = "/clusterkit"
+    cache_enabled: bool = True
+    cache_ttl: float = 30.0
+    dial_timeout: float = 5.0
+    request_timeout: float = 5.0
+    cluster_secret: str | bytes | None = field(default=None, repr=False)
+    client_id: str | None = None
+    peer_tls_ca: str | None = None
+    etcd_ca_cert: str | bytes | None = field(default=None, repr=False)
+    etcd_cert: str | bytes | None = field(default=None, repr=False)
+    etcd_key: str | bytes | None = field(default=None, repr=False)
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    logger: logging.Logger | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.etcd_endpoints, str):
+            raise ConfigError("etcd_endpoints", "must be a list of host:port strings, not a str")
+        object.__setattr__(self, "etcd_endpoints", tuple(self.etcd_endpoints))
+        if not self.etcd_endpoints:
+            raise ConfigError("etcd_endpoints", "a client needs at least one etcd endpoint")
+        if (
+            not isinstance(self.etcd_prefix, str)
+            or not self.etcd_prefix.startswith("/")
+            or self.etcd_prefix.rstrip("/") == ""
+        ):
+            raise ConfigError("etcd_prefix", "must start with '/' and name a non-root prefix")
+        if not isinstance(self.cache_enabled, bool):
+            raise ConfigError("cache_enabled", "must be True or False")
+        for name in ("cache_ttl", "dial_timeout", "request_timeout"):
+            _positive(name, getattr(self, name))
+        _check_secret(self.cluster_secret)
+        if self.client_id is not None and (
+            not isinstance(self.client_id, str) or not 0 < len(self.client_id) <= 128
+        ):
+            raise ConfigError("client_id", "must be 1-128 characters, or None")
+        _check_peer_tls(None, None, self.peer_tls_ca)
+        self.etcd_config()
+
+    @property
+    def log(self) -> logging.Logger:
+        """The logger in use."""
+        return self.logger or logging.getLogger("clusterkit.client")
+
+    def etcd_config(self) -> EtcdConfig:
+        """The etcd client settings of this config."""
+        try:
+            return EtcdConfig(
+                endpoints=tuple(self.etcd_endpoints),
+                dial_timeout=self.dial_timeout,
+                request_timeout=self.request_timeout,
+                ca_cert=self.etcd_ca_cert,
+                cert=self.etcd_cert,
+                key=self.etcd_key,
+                username=self.etcd_username,
+                password=self.etcd_password,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"etcd_{exc.field}", exc.rule) from None

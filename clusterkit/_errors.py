@@ -73,8 +73,42 @@ class PeerProtocolError(PeerError):
     """A peer sent bytes or messages outside the protocol; its connection is closed."""
 
 
+class PeerUnreachable(PeerError):
+    """The peer could not be reached, or the connection broke before the answer came."""
+
+
+class PeerAuthFailed(PeerError):
+    """The peer did not prove it knows the cluster secret (or refused ours)."""
+
+
+class RemoteError(PeerError):
+    """The remote handler raised.
+
+    Attributes:
+        remote_type: the exception class name on the remote node.
+        remote_message: its message.
+        data: extra data the remote attached (``NotLeader`` sends ``{"leader": id}``).
+    """
+
+    def __init__(self, remote_type: str, remote_message: str, data: object = None) -> None:
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.data = data
+
+
 class NotLeader(ClusterKitError):
-    """This node does not lead the partition (or no longer does)."""
+    """This node does not lead the partition (or no longer does).
+
+    Attributes:
+        leader: a hint: the node id this node believes leads the partition, or None. A peer
+            handler that raises ``NotLeader(..., leader=...)`` sends the hint to the caller,
+            and the routing client tries that node next.
+    """
+
+    def __init__(self, message: str = "", *, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.leader = leader
 
 
 class LeadershipLost(NotLeader):

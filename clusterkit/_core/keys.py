@@ -7,6 +7,10 @@
 | ``P/map``                  | partition map (JSON)    | none               |
 | ``P/ready/<pt>/<node_id>`` | ``"1"``                 | node session       |
 | ``P/leaders/<pt>``         | node id                 | leader's session   |
+| ``P/secret``               | peer secret (hex)       | none               |
+
+``P/secret`` is created by the first node when the config gives no ``cluster_secret``: the
+peers' shared secret is then as safe as read access to the prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Literal
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
-KeyKind = Literal["node", "coordinator", "map", "ready", "leader"]
+KeyKind = Literal["node", "coordinator", "map", "ready", "leader", "secret"]
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -50,6 +54,7 @@ class KeyLayout:
         self.map = self.root + b"map"
         self.ready_prefix = self.root + b"ready/"
         self.leaders_prefix = self.root + b"leaders/"
+        self.secret = self.root + b"secret"
 
     def __repr__(self) -> str:
         return f"KeyLayout({self.prefix!r})"
@@ -76,6 +81,8 @@ class KeyLayout:
             return ParsedKey("map")
         if text == "coordinator":
             return ParsedKey("coordinator")
+        if text == "secret":
+            return ParsedKey("secret")
         kind, _, tail = text.partition("/")
         if kind == "nodes" and valid_node_id(tail):
             return ParsedKey("node", node_id=tail)

@@ -139,6 +139,8 @@ class ViewState:
             return None if value is None else f"unknown key {key!r} under the prefix"
         try:
             match parsed.kind:
+                case "secret":
+                    pass
                 case "node":
                     self._routing_dirty = True
                     if value is None:

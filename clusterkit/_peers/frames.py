@@ -12,14 +12,16 @@ get its own connection closed (with websocket close code 1002 or 1009), never cr
 | ---- | --------------------------------------- | ------------------------------------- |
 | 0    | ``[0, id, method, payload]``            | request; the answer carries ``id``    |
 | 1    | ``[1, id, payload]``                    | response                              |
-| 2    | ``[2, id, error_type, message]``        | the handler raised                    |
+| 2    | ``[2, id, error_type, message, data]``  | the handler raised (data: any / nil)  |
 | 3    | ``[3, method, payload]``                | one-way message                       |
 | 4    | ``[4, stream, payload]``                | a stream item                         |
-| 5    | ``[5, stream, error_or_nil]``           | end of a stream                       |
+| 5    | ``[5, stream, nil | [type, message]]``  | end of one direction / abort a stream |
 | 6    | ``[6, stream, credit]``                 | flow control: the receiver wants more |
 | 7    | ``[7, nonce]``                          | handshake: server challenge           |
 | 8    | ``[8, node_id, nonce, mac]``            | handshake: client answer              |
 | 9    | ``[9, node_id, mac]``                   | handshake: server proof               |
+| 10   | ``[10, stream, method, payload]``       | open a stream                         |
+| 11   | ``[11, [frame_bytes, ...]]``            | a batch of frames (not nested)        |
 
 ``payload`` is any msgpack value (no extension types); ids, stream numbers and credits are
 non-negative integers below 2**63; methods, node ids and error types are non-empty strings
@@ -71,6 +73,7 @@ class ErrorReply:
     id: int
     error_type: str
     message: str
+    data: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +90,11 @@ class StreamItem:
 
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
+    """``error`` None: the sender will send no more items (half-close). Otherwise
+    ``(type, message)``: the stream is aborted in both directions."""
+
     stream: int
-    error: str | None
+    error: tuple[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,20 @@ class Proof:
     mac: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class StreamOpen:
+    stream: int
+    method: str
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Several encoded frames in one websocket message (never a batch of batches)."""
+
+    frames: tuple[bytes, ...]
+
+
 Frame = (
     Request
     | Response
@@ -126,6 +146,8 @@ Frame = (
     | Challenge
     | Answer
     | Proof
+    | StreamOpen
+    | Batch
 )
 
 
@@ -136,14 +158,14 @@ def encode(frame: Frame) -> bytes:
             obj: list[Any] = [0, i, m, p]
         case Response(id=i, payload=p):
             obj = [1, i, p]
-        case ErrorReply(id=i, error_type=t, message=msg):
-            obj = [2, i, t, msg]
+        case ErrorReply(id=i, error_type=t, message=msg, data=d):
+            obj = [2, i, t, msg, d]
         case Notify(method=m, payload=p):
             obj = [3, m, p]
         case StreamItem(stream=s, payload=p):
             obj = [4, s, p]
         case StreamEnd(stream=s, error=e):
-            obj = [5, s, e]
+            obj = [5, s, list(e) if e is not None else None]
         case StreamCredit(stream=s, credit=c):
             obj = [6, s, c]
         case Challenge(nonce=n):
@@ -152,6 +174,10 @@ def encode(frame: Frame) -> bytes:
             obj = [8, node, n, mac]
         case Proof(node_id=node, mac=mac):
             obj = [9, node, mac]
+        case StreamOpen(stream=s, method=m, payload=p):
+            obj = [10, s, m, p]
+        case Batch(frames=fs):
+            obj = [11, list(fs)]
     data: bytes = msgpack.packb(obj, use_bin_type=True)
     return data
 
@@ -174,7 +200,7 @@ def _token(value: Any, what: str) -> bytes:
     return value
 
 
-_ARITY = {0: 4, 1: 3, 2: 4, 3: 3, 4: 3, 5: 3, 6: 3, 7: 2, 8: 4, 9: 3}
+_ARITY = {0: 4, 1: 3, 2: 5, 3: 3, 4: 3, 5: 3, 6: 3, 7: 2, 8: 4, 9: 3, 10: 4, 11: 2}
 
 
 def decode(data: bytes, *, max_size: int = MAX_FRAME) -> Frame:
@@ -213,24 +239,50 @@ def decode(data: bytes, *, max_size: int = MAX_FRAME) -> Frame:
             message = obj[3]
             if type(message) is not str:
                 raise FrameError("error message must be a string")
-            return ErrorReply(_int(obj[1], "error id"), _name(obj[2], "error type"), message)
+            return ErrorReply(
+                _int(obj[1], "error id"), _name(obj[2], "error type"), message, obj[4]
+            )
         case 3:
             return Notify(_name(obj[1], "method"), obj[2])
         case 4:
             return StreamItem(_int(obj[1], "stream"), obj[2])
         case 5:
             error = obj[2]
-            if error is not None and type(error) is not str:
-                raise FrameError("stream end error must be a string or nil")
-            return StreamEnd(_int(obj[1], "stream"), error)
+            if error is None:
+                return StreamEnd(_int(obj[1], "stream"), None)
+            if type(error) is not list or len(error) != 2 or type(error[1]) is not str:
+                raise FrameError("stream end error must be nil or [type, message]")
+            return StreamEnd(_int(obj[1], "stream"), (_name(error[0], "error type"), error[1]))
         case 6:
             return StreamCredit(_int(obj[1], "stream"), _int(obj[2], "credit"))
         case 7:
             return Challenge(_token(obj[1], "nonce"))
         case 8:
             return Answer(_name(obj[1], "node id"), _token(obj[2], "nonce"), _token(obj[3], "mac"))
-        case _:
+        case 9:
             return Proof(_name(obj[1], "node id"), _token(obj[2], "mac"))
+        case 10:
+            return StreamOpen(_int(obj[1], "stream"), _name(obj[2], "method"), obj[3])
+        case _:
+            items = obj[1]
+            if type(items) is not list or not all(type(b) is bytes for b in items):
+                raise FrameError("a batch is a list of encoded frames")
+            return Batch(tuple(items))
+
+
+def decode_batch(data: bytes, *, max_size: int = MAX_FRAME) -> list[Frame]:
+    """Parse one websocket message: a frame, or a batch of frames (flattened, one level).
+
+    Raises:
+        FrameError: as :func:`decode`; also for a batch inside a batch.
+    """
+    frame = decode(data, max_size=max_size)
+    if not isinstance(frame, Batch):
+        return [frame]
+    out = [decode(b, max_size=max_size) for b in frame.frames]
+    if any(isinstance(x, Batch) for x in out):
+        raise FrameError("a batch may not contain a batch")
+    return out
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -1,192 +1,48 @@
-"""Peer sessions over trio-websocket: handshake, request/response, one-way messages.
+"""Peer connections over trio-websocket: the handshake, the server and the client pool.
 
 Theory of operation
 -------------------
 Each node serves one websocket endpoint. A connection starts with the handshake of
 ``handshake.py`` (challenge, answer, proof), bounded by ``HANDSHAKE_TIMEOUT``; until it
-succeeds no handler can be reached. Afterwards both ends run the same :class:`PeerSession`:
-ONE reader task decodes frames (``frames.py``) and dispatches them — requests and one-way
-messages to handlers (each in its own task, at most ``max_concurrent`` at a time), responses
-and errors to the waiting caller by request id. Many requests share one connection.
-
-A frame the decoder refuses closes that connection with a proper close code (1002 protocol
-error, 1009 too big, 1008 failed authentication); the node goes on. When a connection ends,
-every request still waiting on it fails with :class:`PeerUnreachable`. A handler that raises
-answers with an error frame; the caller gets :class:`RemoteError` with the remote type and
-message.
+succeeds no handler can be reached, and a failed or silent handshake closes the connection
+with code 1008. Afterwards both ends run the same :class:`~.session.PeerSession` (requests,
+one-way messages and streams; see ``session.py``). TLS is optional and wraps the whole
+websocket (``ssl_context``); the secret handshake runs inside it either way.
 
 :class:`PeerPool` keeps one client session per peer address, opened on first use, and
-drops it when it breaks; the next request reconnects, after a short backoff.
+drops it when it breaks; the next call reconnects, after a short backoff. Concurrent
+callers to one address share one connection attempt.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-from collections.abc import Awaitable, Callable, Mapping
+import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import trio
 import trio_websocket
 
-from .._errors import PeerError
+from .._errors import PeerAuthFailed, PeerUnreachable, RemoteError
 from . import frames as f
 from .handshake import client_mac, new_nonce, server_mac, verify
+from .session import Handler, PeerSession, PeerStream, StreamHandler
 
-Handler = Callable[[Any], Awaitable[Any]]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "PeerAuthFailed",
+    "PeerPool",
+    "PeerSession",
+    "PeerStream",
+    "PeerUnreachable",
+    "RemoteError",
+    "serve_peers",
+]
+
+QUEUE = 256  # websocket messages trio-websocket may buffer per connection
+RECEIVE_BUFFER = 1024 * 1024  # bytes read from the socket at once
 HANDSHAKE_TIMEOUT = 5.0
 RECONNECT_BACKOFF = 0.2
-
-
-class PeerUnreachable(PeerError):
-    """The peer could not be reached, or the connection broke before the answer came."""
-
-
-class PeerAuthFailed(PeerError):
-    """The peer did not prove it knows the cluster secret."""
-
-
-class RemoteError(PeerError):
-    """The remote handler raised.
-
-    Attributes:
-        remote_type: the exception class name on the remote node.
-        remote_message: its message.
-    """
-
-    def __init__(self, remote_type: str, remote_message: str) -> None:
-        super().__init__(f"{remote_type}: {remote_message}")
-        self.remote_type = remote_type
-        self.remote_message = remote_message
-
-
-class PeerSession:
-    """One authenticated connection; see the module docstring."""
-
-    def __init__(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        remote_id: str,
-        handlers: Mapping[str, Handler],
-        *,
-        max_frame: int,
-        max_concurrent: int = 64,
-    ) -> None:
-        self._ws = ws
-        self.remote_id = remote_id
-        self._handlers = handlers
-        self._max_frame = max_frame
-        self._limiter = trio.CapacityLimiter(max_concurrent)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
-        self.closed = False
-        self.requests_served = 0
-
-    def __repr__(self) -> str:
-        return f"<PeerSession {self.remote_id} pending={len(self._pending)} closed={self.closed}>"
-
-    async def request(self, method: str, payload: Any, *, timeout: float) -> Any:
-        """Call ``method`` on the peer and return its answer.
-
-        Raises:
-            RemoteError: the remote handler raised.
-            PeerUnreachable: the connection broke, or no answer within ``timeout``.
-        """
-        if self.closed:
-            raise PeerUnreachable(f"connection to {self.remote_id} is closed")
-        request_id = next(self._ids)
-        done = trio.Event()
-        box: list[Any] = []
-        self._pending[request_id] = (done, box)
-        try:
-            await self._send(f.Request(request_id, method, payload))
-            with trio.move_on_after(timeout) as scope:
-                await done.wait()
-            if scope.cancelled_caught:
-                raise PeerUnreachable(f"{self.remote_id}: no answer to {method} in {timeout}s")
-        finally:
-            self._pending.pop(request_id, None)
-        (result,) = box
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    async def notify(self, method: str, payload: Any) -> None:
-        """Send a one-way message."""
-        await self._send(f.Notify(method, payload))
-
-    async def _send(self, frame: f.Frame) -> None:
-        try:
-            await self._ws.send_message(f.encode(frame))
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
-            raise PeerUnreachable(f"connection to {self.remote_id} broke: {exc}") from None
-
-    async def run(self) -> None:
-        """Read and dispatch frames until the connection ends."""
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        message = await self._ws.get_message()
-                    except trio_websocket.ConnectionClosed:
-                        break
-                    data = message.encode() if isinstance(message, str) else message
-                    try:
-                        frame = f.decode(data, max_size=self._max_frame)
-                    except f.FrameError as exc:
-                        await self._ws.aclose(code=exc.close_code, reason=str(exc)[:120])
-                        break
-                    if not self._dispatch(nursery, frame):
-                        await self._ws.aclose(code=1002, reason="unexpected frame")
-                        break
-                nursery.cancel_scope.cancel()
-        finally:
-            self.closed = True
-            error = PeerUnreachable(f"connection to {self.remote_id} closed")
-            for done, box in self._pending.values():
-                if not box:
-                    box.append(error)
-                done.set()
-
-    def _dispatch(self, nursery: trio.Nursery, frame: f.Frame) -> bool:
-        match frame:
-            case f.Request() | f.Notify():
-                nursery.start_soon(self._serve, frame)
-            case f.Response(id=i, payload=p):
-                self._resolve(i, p)
-            case f.ErrorReply(id=i, error_type=t, message=m):
-                self._resolve(i, RemoteError(t, m))
-            case _:
-                return False  # streams and handshake frames are not valid here (yet)
-        return True
-
-    def _resolve(self, request_id: int, result: Any) -> None:
-        entry = self._pending.get(request_id)
-        if entry is not None and not entry[1]:
-            entry[1].append(result)
-            entry[0].set()
-
-    async def _serve(self, frame: f.Request | f.Notify) -> None:
-        handler = self._handlers.get(frame.method)
-        reply: f.Frame | None
-        async with self._limiter:
-            if handler is None:
-                reply = f.ErrorReply(0, "UnknownMethod", frame.method)
-            else:
-                try:
-                    result = await handler(frame.payload)
-                    reply = f.Response(0, result)
-                except Exception as exc:
-                    reply = f.ErrorReply(0, type(exc).__name__, str(exc)[:1000])
-            self.requests_served += 1
-        if isinstance(frame, f.Request):
-            match reply:
-                case f.Response(payload=p):
-                    answer: f.Frame = f.Response(frame.id, p)
-                case f.ErrorReply(error_type=t, message=m):
-                    answer = f.ErrorReply(frame.id, t, m)
-            with contextlib.suppress(PeerUnreachable):
-                await self._send(answer)
 
 
 async def _receive_frame(
@@ -254,17 +110,32 @@ async def serve_peers(
     host: str,
     port: int,
     *,
+    stream_handlers: Mapping[str, StreamHandler] | None = None,
     max_frame: int = f.MAX_FRAME,
+    ssl_context: ssl.SSLContext | None = None,
+    sessions: set[PeerSession] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the peer endpoint on ``host:port`` (0: a free port, reported by ``started``)."""
+    """Serve the peer endpoint on ``host:port`` (0: a free port, reported by ``started``).
+
+    ``sessions``, when given, holds the live incoming sessions (for statistics and tests).
+    """
 
     async def on_connect(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         remote = await server_handshake(ws, local_id, secret, max_frame)
         if remote is None:
             return
-        await PeerSession(ws, remote, handlers, max_frame=max_frame).run()
+        session = PeerSession(
+            ws, remote, handlers, stream_handlers, max_frame=max_frame, dialed=False
+        )
+        if sessions is not None:
+            sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            if sessions is not None:
+                sessions.discard(session)
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -272,11 +143,11 @@ async def serve_peers(
                 on_connect,
                 host,
                 port,
-                None,
+                ssl_context,
                 handler_nursery=nursery,
                 max_message_size=max_frame,
-                message_queue_size=64,
-                receive_buffer_size=256 * 1024,
+                message_queue_size=QUEUE,
+                receive_buffer_size=RECEIVE_BUFFER,
                 connect_timeout=HANDSHAKE_TIMEOUT,
                 disconnect_timeout=HANDSHAKE_TIMEOUT,
                 task_status=task_status,
@@ -286,7 +157,16 @@ async def serve_peers(
 
 
 class PeerPool:
-    """One client session per peer address, opened on first use, reopened after a break."""
+    """One client session per peer address, opened on first use, reopened after a break.
+
+    Args:
+        nursery: where the connections' tasks run.
+        local_id: the id this side presents in the handshake (a node id, or a client's).
+        secret: the cluster secret.
+        handlers, stream_handlers: served on these outgoing connections too (the peer may
+            call back over them).
+        ssl_context: TLS client context for ``wss://``; None: plain websocket.
+    """
 
     def __init__(
         self,
@@ -294,34 +174,66 @@ class PeerPool:
         local_id: str,
         secret: bytes,
         handlers: Mapping[str, Handler] | None = None,
+        stream_handlers: Mapping[str, StreamHandler] | None = None,
         *,
         max_frame: int = f.MAX_FRAME,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self._nursery = nursery
         self._local_id = local_id
         self._secret = secret
-        self._handlers = handlers or {}
+        self._handlers = handlers if handlers is not None else {}
+        self._stream_handlers = stream_handlers if stream_handlers is not None else {}
         self._max_frame = max_frame
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
         self._sessions: dict[str, PeerSession] = {}
         self._connecting: dict[str, trio.Event] = {}
         self._failed_at: dict[str, float] = {}
+        self._closed = False
+        self.connects = 0
+
+    def __repr__(self) -> str:
+        return f"<PeerPool {self._local_id} sessions={sorted(self._sessions)}>"
 
     async def request(self, addr: str, method: str, payload: Any, *, timeout: float = 5.0) -> Any:
         """Send ``method(payload)`` to the peer at ``addr`` (``host:port``) and return the
-        answer. Raises :class:`PeerUnreachable`, :class:`RemoteError`, :class:`PeerAuthFailed`."""
-        with trio.move_on_after(timeout) as scope:
-            session = await self._session(addr)
-        if scope.cancelled_caught:
-            raise PeerUnreachable(f"could not connect to {addr} within {timeout}s")
-        return await session.request(method, payload, timeout=timeout)
+        answer, all within ``timeout`` seconds.
 
-    async def send(self, addr: str, method: str, payload: Any) -> None:
-        """Send a one-way message to the peer at ``addr``."""
-        session = await self._session(addr)
+        Raises:
+            PeerUnreachable: no connection, or no answer in time.
+            PeerAuthFailed: the peer does not share our secret.
+            RemoteError: the remote handler raised.
+        """
+        deadline = trio.current_time() + timeout
+        session = await self.session(addr, timeout=timeout)
+        left = max(deadline - trio.current_time(), 0.0)
+        return await session.request(method, payload, timeout=left)
+
+    async def send(self, addr: str, method: str, payload: Any, *, timeout: float = 5.0) -> None:
+        """Send a one-way message to the peer at ``addr`` (delivery is not confirmed)."""
+        session = await self.session(addr, timeout=timeout)
         await session.notify(method, payload)
+
+    async def open_stream(
+        self, addr: str, method: str, payload: Any, *, timeout: float = 5.0
+    ) -> PeerStream:
+        """Open a stream to the peer at ``addr``'s stream handler for ``method``."""
+        session = await self.session(addr, timeout=timeout)
+        return await session.open_stream(method, payload)
+
+    async def session(self, addr: str, *, timeout: float = 5.0) -> PeerSession:
+        """The live session to ``addr``, connecting (once, shared) if there is none."""
+        with trio.move_on_after(timeout) as scope:
+            return await self._session(addr)
+        assert scope.cancelled_caught
+        raise PeerUnreachable(f"could not connect to {addr} within {timeout}s")
 
     async def _session(self, addr: str) -> PeerSession:
         while True:
+            if self._closed:
+                raise PeerUnreachable("the peer pool is closed")
             session = self._sessions.get(addr)
             if session is not None and not session.closed:
                 return session
@@ -334,7 +246,9 @@ class PeerPool:
             await trio.sleep(RECONNECT_BACKOFF - since)
         self._connecting[addr] = done = trio.Event()
         try:
-            return await self._connect(addr)
+            session: PeerSession = await self._nursery.start(self._run_session, addr)
+            self.connects += 1
+            return session
         except BaseException:
             self._failed_at[addr] = trio.current_time()
             raise
@@ -342,40 +256,61 @@ class PeerPool:
             del self._connecting[addr]
             done.set()
 
-    async def _connect(self, addr: str) -> PeerSession:
-        session: PeerSession = await self._nursery.start(self._run_session, addr)
-        return session
-
     async def _run_session(self, addr: str, task_status: trio.TaskStatus[PeerSession]) -> None:
         """Own one client connection for its whole life (``open_websocket`` closes it)."""
         host, _, port = addr.rpartition(":")
         try:
+            port_number = int(port)
+        except ValueError:
+            raise PeerUnreachable(f"{addr!r} is not a host:port address") from None
+        started = False
+        try:
             async with trio_websocket.open_websocket(
                 host.strip("[]"),
-                int(port),
+                port_number,
                 "/",
-                use_ssl=False,
+                use_ssl=self._ssl if self._ssl is not None else False,
                 max_message_size=self._max_frame,
-                message_queue_size=64,
-                receive_buffer_size=256 * 1024,
-                connect_timeout=HANDSHAKE_TIMEOUT,
+                message_queue_size=QUEUE,
+                receive_buffer_size=RECEIVE_BUFFER,
+                connect_timeout=self._connect_timeout,
                 disconnect_timeout=1.0,
             ) as ws:
                 remote = await client_handshake(ws, self._local_id, self._secret, self._max_frame)
-                session = PeerSession(ws, remote, self._handlers, max_frame=self._max_frame)
+                session = PeerSession(
+                    ws,
+                    remote,
+                    self._handlers,
+                    self._stream_handlers,
+                    max_frame=self._max_frame,
+                    dialed=True,
+                )
                 self._sessions[addr] = session
                 task_status.started(session)
+                started = True
                 try:
                     await session.run()
                 finally:
                     if self._sessions.get(addr) is session:
                         del self._sessions[addr]
-        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionTimeout) as exc:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio_websocket.HandshakeError,
+            trio_websocket.ConnectionTimeout,
+            trio_websocket.DisconnectionTimeout,
+        ) as exc:
+            if started:  # the session ran and ended; its callers have been failed already
+                return
             raise PeerUnreachable(f"cannot connect to {addr}: {exc!r}") from None
-        except trio_websocket.ConnectionClosed:
-            pass
+        except trio_websocket.ConnectionClosed as exc:
+            if not started:  # closed during the handshake
+                raise PeerUnreachable(f"{addr} closed the connection: {exc.reason}") from None
 
     async def aclose(self) -> None:
+        """Close every connection; later calls raise :class:`PeerUnreachable`."""
+        self._closed = True
         for session in list(self._sessions.values()):
-            await session._ws.aclose()
+            with trio.move_on_after(1.0):
+                await session.close()
         self._sessions.clear()

@@ -23,10 +23,11 @@ names = st.text(min_size=1, max_size=256)
 frame_strategy = st.one_of(
     st.builds(f.Request, ids, names, payloads),
     st.builds(f.Response, ids, payloads),
-    st.builds(f.ErrorReply, ids, names, st.text()),
+    st.builds(f.ErrorReply, ids, names, st.text(), payloads),
     st.builds(f.Notify, names, payloads),
     st.builds(f.StreamItem, ids, payloads),
-    st.builds(f.StreamEnd, ids, st.none() | st.text()),
+    st.builds(f.StreamEnd, ids, st.none() | st.tuples(names, st.text())),
+    st.builds(f.StreamOpen, ids, names, payloads),
     st.builds(f.StreamCredit, ids, ids),
     st.builds(f.Challenge, st.just(NONCE)),
     st.builds(f.Answer, names, st.just(NONCE), st.just(NONCE)),
@@ -68,8 +69,15 @@ def test_arbitrary_msgpack_arrays_are_refused_or_valid(items: list[object]) -> N
         [0, 1, "", None],
         [0, 1, "m"],
         [0, True, "m", None],
-        [2, 1, "E", b"bytes"],
+        [2, 1, "E", b"bytes", None],
+        [2, 1, "E", "m"],
         [5, 1, 7],
+        [5, 1, "E"],
+        [5, 1, ["E"]],
+        [5, 1, ["", "m"]],
+        [10, 1, "", None],
+        [11, ["x"]],
+        [11, b"x"],
         [7, b"short"],
         [8, "n", NONCE, b"x" * 31],
     ],
@@ -100,3 +108,15 @@ def test_handshake_macs_bind_role_nonces_and_id() -> None:
     assert not verify(client_mac(secret, sn, cn, "n2"), mac)  # another id
     assert not verify(client_mac(secret, new_nonce(), cn, "n1"), mac)  # replayed
     assert not verify(server_mac(secret, sn, cn, "n1"), mac)  # reflected
+
+
+def test_batches_flatten_one_level_and_refuse_nesting() -> None:
+    a = f.encode(f.Response(1, "a"))
+    b = f.encode(f.StreamItem(3, b"b"))
+    assert f.decode_batch(f.encode(f.Batch((a, b)))) == [f.Response(1, "a"), f.StreamItem(3, b"b")]
+    assert f.decode_batch(a) == [f.Response(1, "a")]
+    nested = f.encode(f.Batch((f.encode(f.Batch((a,))),)))
+    with pytest.raises(f.FrameError):
+        f.decode_batch(nested)
+    with pytest.raises(f.FrameError):
+        f.decode_batch(f.encode(f.Batch((b"\xc1",))))
