@@ -246,9 +246,9 @@ class PeerPool:
             await trio.sleep(RECONNECT_BACKOFF - since)
         self._connecting[addr] = done = trio.Event()
         try:
-            session: PeerSession = await self._nursery.start(self._run_session, addr)
+            opened: PeerSession = await self._nursery.start(self._run_session, addr)
             self.connects += 1
-            return session
+            return opened
         except BaseException:
             self._failed_at[addr] = trio.current_time()
             raise
