@@ -4,14 +4,16 @@ This module re-exports the public API and nothing else; everything else is priva
 The etcd client's value types live in :mod:`clusterkit.etcd`.
 """
 
+from ._client import RoutingClient, open_client
 from ._cluster import ClusterKit, open_cluster
-from ._config import Config
+from ._config import ClientConfig, Config
 from ._core.records import Node
 from ._core.view import ClusterView
 from ._errors import (
     AuthenticationFailed,
     ClusterKitError,
     ClusterMismatch,
+    ClusterNotReady,
     ConfigError,
     EmbeddedEtcdError,
     EtcdAuthError,
@@ -23,12 +25,19 @@ from ._errors import (
     InvalidRequest,
     LeadershipLost,
     LeaseNotFound,
+    MigrationError,
+    MigrationInterrupted,
+    MigrationSourceError,
     NodeIdConflict,
+    NoMigrationSource,
     NotLeader,
+    PeerAuthFailed,
     PeerError,
     PeerProtocolError,
+    PeerUnreachable,
     PermissionDenied,
     PreconditionFailed,
+    RemoteError,
     ResourceExhausted,
     RevisionCompacted,
     WatchOverflow,
@@ -45,13 +54,18 @@ from ._events import (
     ReplicaAdded,
     ReplicaRemoved,
 )
+from ._migration.service import Migration, MigrationEntry, MigrationProgress, SourceRequest
+from ._peers.service import Peers
+from ._peers.session import PeerStream
 
 __all__ = [
     "AuthenticationFailed",
+    "ClientConfig",
     "ClusterEvent",
     "ClusterKit",
     "ClusterKitError",
     "ClusterMismatch",
+    "ClusterNotReady",
     "ClusterView",
     "Config",
     "ConfigError",
@@ -70,20 +84,35 @@ __all__ = [
     "LeaderLost",
     "LeadershipLost",
     "LeaseNotFound",
+    "Migration",
+    "MigrationEntry",
+    "MigrationError",
+    "MigrationInterrupted",
+    "MigrationProgress",
+    "MigrationSourceError",
+    "NoMigrationSource",
     "Node",
     "NodeIdConflict",
     "NotLeader",
     "PartitionAssigned",
     "PartitionUnassigned",
+    "PeerAuthFailed",
     "PeerError",
     "PeerProtocolError",
+    "PeerStream",
+    "PeerUnreachable",
+    "Peers",
     "PermissionDenied",
     "PreconditionFailed",
+    "RemoteError",
     "ReplicaAdded",
     "ReplicaRemoved",
     "ResourceExhausted",
     "RevisionCompacted",
+    "RoutingClient",
+    "SourceRequest",
     "WatchOverflow",
+    "open_client",
     "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",

@@ -38,6 +38,7 @@ from ._core.view import EMPTY_VIEW, ClusterView
 from ._errors import LeadershipLost, NotLeader
 from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import open_embedded_etcd
+from ._migration.service import Migration
 from ._peers.secret import configured_secret, shared_secret
 from ._peers.service import Peers
 from ._peers.session import Handler, StreamHandler
@@ -98,6 +99,8 @@ class ClusterKit:
         self._supervisor: PartitionSupervisor | None = None
         self.peers: Peers
         """Talk to other nodes (requests, one-way messages, streams); see :class:`Peers`."""
+        self.migration: Migration
+        """Move partitions between nodes (source, pull); see :class:`Migration`."""
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -470,6 +473,13 @@ async def _open_node(
             )
             async with trio.open_nursery() as nursery:
                 peers = await _start_peers(nursery, config, etcd, layout, views)
+                migration = Migration(
+                    peers,
+                    node_id=config.node_id,
+                    partitions=config.partitions,
+                    max_frame=config.peer_max_message,
+                    log=config.log,
+                )
                 node = _node_record(config, int(peers.address.rpartition(":")[2]))
                 membership = MembershipActor(etcd, config, layout, node, session, receive)
                 await nursery.start(membership.run)
@@ -489,6 +499,7 @@ async def _open_node(
                     margin,
                 )
                 ck.peers = peers
+                ck.migration = migration
                 ck._actors = [membership, watcher, rebalancer, partitions]
                 ck._supervisor = partitions
                 try:

@@ -9,6 +9,7 @@ catch the whole library with one ``except``. The tree::
     ├── NodeIdConflict              another live node already uses this node id
     ├── ClusterMismatch             the stored cluster has another P or R than this node
     ├── EventStreamOverflow         an events() subscriber fell too far behind
+    ├── ClusterNotReady             no partition map yet: no node has formed the cluster
     ├── PeerError                   talking to another node failed
     │   └── PeerProtocolError       a peer sent something that is not our protocol
     ├── NotLeader                   this node does not lead the partition
@@ -29,6 +30,11 @@ catch the whole library with one ``except``. The tree::
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._migration.service import MigrationProgress
 
 
 class ClusterKitError(Exception):
@@ -188,3 +194,45 @@ class InvalidAuthToken(EtcdAuthError):
 
 class PermissionDenied(EtcdAuthError):
     """The authenticated user may not perform this operation on this key range."""
+
+
+class ClusterNotReady(ClusterKitError):
+    """The cluster has no partition map yet (no node has formed it under this prefix), so
+    a routing client cannot tell which partition, or which node, a key belongs to."""
+
+
+class MigrationError(ClusterKitError):
+    """A partition migration (``ck.migration.pull``) failed."""
+
+
+class NoMigrationSource(MigrationError):
+    """The source node has no partition source registered (``ck.migration.source``)."""
+
+
+class MigrationSourceError(MigrationError):
+    """The source node's partition source raised, or broke the stream contract (keys not
+    ascending, a malformed batch); not retried.
+
+    Attributes:
+        remote_type: the exception class name on the source node (``SourceContractError``
+            and ``MalformedBatch`` for contract violations).
+        remote_message: its message.
+    """
+
+    def __init__(self, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+class MigrationInterrupted(MigrationError):
+    """The transfer broke more often than ``max_resumes``, or did not finish in ``timeout``.
+
+    Attributes:
+        progress: how far it got (a ``MigrationProgress``); ``progress.resume_token``
+            continues the transfer: ``ck.migration.pull(..., after=token)``.
+    """
+
+    def __init__(self, message: str, *, progress: MigrationProgress) -> None:
+        super().__init__(message)
+        self.progress = progress

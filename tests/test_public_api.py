@@ -7,10 +7,12 @@ import clusterkit.etcd
 
 TOP_LEVEL = {
     "AuthenticationFailed",
+    "ClientConfig",
     "ClusterEvent",
     "ClusterKit",
     "ClusterKitError",
     "ClusterMismatch",
+    "ClusterNotReady",
     "ClusterView",
     "Config",
     "ConfigError",
@@ -29,20 +31,35 @@ TOP_LEVEL = {
     "LeaderLost",
     "LeadershipLost",
     "LeaseNotFound",
+    "Migration",
+    "MigrationEntry",
+    "MigrationError",
+    "MigrationInterrupted",
+    "MigrationProgress",
+    "MigrationSourceError",
     "Node",
     "NodeIdConflict",
+    "NoMigrationSource",
     "NotLeader",
+    "PeerAuthFailed",
     "PeerError",
     "PeerProtocolError",
+    "PeerStream",
+    "PeerUnreachable",
+    "Peers",
     "PartitionAssigned",
     "PartitionUnassigned",
     "PermissionDenied",
     "PreconditionFailed",
+    "RemoteError",
     "ReplicaAdded",
     "ReplicaRemoved",
     "ResourceExhausted",
     "RevisionCompacted",
+    "RoutingClient",
+    "SourceRequest",
     "WatchOverflow",
+    "open_client",
     "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",
@@ -93,6 +110,7 @@ def test_every_error_derives_from_the_root() -> None:
     errors = [getattr(clusterkit, n) for n in TOP_LEVEL if n.endswith(("Error", "Failed"))]
     errors += [clusterkit.EtcdUnavailable, clusterkit.EtcdTimeout, clusterkit.RevisionCompacted]
     errors += [clusterkit.NodeIdConflict, clusterkit.LeaseNotFound, clusterkit.InvalidAuthToken]
+    errors += [clusterkit.ClusterNotReady, clusterkit.PeerUnreachable]
     for err in errors:
         assert issubclass(err, clusterkit.ClusterKitError), err
         assert err.__module__ == "clusterkit"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import trio
 
-from .._config import Config
+from .._config import ClientConfig, Config
 from .._core.keys import KeyLayout
 from .._core.view import ClusterView, ViewState
 from .._errors import EtcdError, RevisionCompacted
@@ -41,7 +41,7 @@ class WatcherActor:
     def __init__(
         self,
         client: EtcdClient,
-        config: Config,
+        config: Config | ClientConfig,
         layout: KeyLayout,
         views: Latest[ClusterView],
         connected: Latest[bool],

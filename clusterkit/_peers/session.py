@@ -14,15 +14,19 @@ the node goes on. When a connection ends, every request still waiting on it fail
 :class:`PeerUnreachable`, and so does every stream.
 
 Writing: callers append encoded frames to an outgoing queue; ONE writer task sends them.
-When several frames are queued, they go as one websocket message (a ``Batch`` frame), so a
-burst of small messages costs one send instead of many; an idle connection sends at once.
-The queue is bounded in bytes: a caller waits while it is over ``HIGH_WATER``.
+When several frames are queued, they go as one websocket message (a ``Batch`` frame, up to
+``BATCH_BYTES``; a bigger frame goes alone, uncopied), so a burst of small messages costs one
+send instead of many; an idle connection sends at once.
+The queue is bounded in bytes: a caller waits while it is over ``HIGH_WATER``. Stream control
+frames (credit, end, abort) never wait: they are tiny, and they must go out even from a
+cancelled task (leaving ``async with ck.peers.stream(...)`` early still tells the other side).
 
 Streams: either side opens one with a ``StreamOpen`` frame; stream ids are odd for the side
 that dialed and even for the side that accepted, so both can open streams at once. Each
 direction has its own credit: a sender may have at most ``STREAM_WINDOW`` items unacknowledged;
 the receiver grants more (``StreamCredit``) as the application *consumes* items, so a slow
-consumer slows the producer instead of growing a buffer. ``StreamEnd`` with no error ends one
+consumer slows the producer instead of growing a buffer. The receiver counts the credit it has
+granted, and one item beyond it is a protocol error. ``StreamEnd`` with no error ends one
 direction; with an error it aborts both (the other side sees :class:`RemoteError`).
 """
 
@@ -49,16 +53,15 @@ StreamHandler = Callable[["PeerStream", Any], Awaitable[None]]
 STREAM_WINDOW = 64  # items a stream sender may have in flight before it waits for credit
 HIGH_WATER = 4 * 1024 * 1024  # bytes queued for writing before senders wait
 MAX_CONCURRENT = 256  # handlers running at once per connection
+BATCH_BYTES = 256 * 1024  # a batch message stops growing here; bigger frames go alone
+CLOSE_TIMEOUT = 2.0  # seconds the websocket close handshake may take before the socket is shut
 
 
 def error_frame(request_id: int, exc: BaseException) -> f.ErrorReply:
     """The error answer for a handler that raised ``exc``."""
     data = {"leader": exc.leader} if isinstance(exc, NotLeader) else None
-    return f.ErrorReply(request_id, type(exc).__name__, str(exc)[:1000], data)
-
-
-class _End(Exception):
-    """Internal: the remote side of a stream ended normally."""
+    # The decoder refuses error types over 256 characters (and would close the connection).
+    return f.ErrorReply(request_id, type(exc).__name__[:256], str(exc)[:1000], data)
 
 
 class PeerStream:
@@ -78,7 +81,8 @@ class PeerStream:
         self.id = stream_id
         self.method = method
         self.remote_id = session.remote_id
-        self._credit = STREAM_WINDOW
+        self._credit = STREAM_WINDOW  # items we may still send
+        self._allowance = STREAM_WINDOW  # items the other side may still send
         self._inbox: deque[Any] = deque()
         self._consumed = 0
         self._wakeup = trio.Event()
@@ -120,7 +124,8 @@ class PeerStream:
         self._consumed += 1
         if self._consumed >= STREAM_WINDOW // 2 and not self._remote_ended:
             credit, self._consumed = self._consumed, 0
-            await self._session.send_frame(f.StreamCredit(self.id, credit))
+            self._allowance += credit
+            self._session.send_control(f.StreamCredit(self.id, credit), quiet=True)
         return item
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -136,27 +141,31 @@ class PeerStream:
 
     async def end(self) -> None:
         """End this side's direction: the other side's iteration finishes after the items
-        already sent. Idempotent."""
+        already sent. Idempotent; never blocks."""
         if self._local_ended or self._failure is not None:
             return
         self._local_ended = True
-        await self._session.send_frame(f.StreamEnd(self.id, None))
+        self._session.send_control(f.StreamEnd(self.id, None), quiet=True)
         self._forget_if_done()
 
     async def abort(self, error_type: str = "Cancelled", message: str = "stream aborted") -> None:
-        """Abort both directions; the other side sees ``RemoteError(error_type, message)``."""
+        """Abort both directions; the other side sees ``RemoteError(error_type, message)``.
+
+        Never blocks, so it also works from a cancelled task (a ``finally`` block).
+        """
         if self._failure is not None or (self._local_ended and self._remote_ended):
             return
         self._fail(PeerUnreachable(f"{self!r} was aborted locally"))
-        with contextlib.suppress(PeerUnreachable):
-            await self._session.send_frame(f.StreamEnd(self.id, (error_type, message)))
+        error = (error_type[:256] or "Cancelled", message[:1000])
+        self._session.send_control(f.StreamEnd(self.id, error), quiet=True)
 
     # -- the reader's side (synchronous, never blocks) ---------------------------------------
 
     def _deliver(self, item: Any) -> bool:
         """An item arrived; False if the peer broke the protocol (beyond its credit)."""
-        if self._remote_ended or len(self._inbox) >= STREAM_WINDOW:
+        if self._remote_ended or self._allowance <= 0:
             return False
+        self._allowance -= 1
         if self._failure is None:
             self._inbox.append(item)
             self._wake()
@@ -288,13 +297,30 @@ class PeerSession:
             await self._drained.wait()
             if self.closed:
                 raise PeerUnreachable(f"connection to {self.remote_id} is closed")
+        self._push(data)
+
+    def send_control(self, frame: f.Frame, *, quiet: bool = False) -> None:
+        """Queue a small control frame at once, past ``HIGH_WATER`` (never blocks).
+
+        Raises:
+            PeerUnreachable: the connection is closed (unless ``quiet``: then it is dropped).
+        """
+        if self.closed:
+            if quiet:
+                return
+            raise PeerUnreachable(f"connection to {self.remote_id} is closed")
+        self._push(f.encode(frame))
+
+    def _push(self, data: bytes) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
         self._out_ready.set()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection (the reader then ends)."""
-        await self._ws.aclose(code=code, reason=reason)
+        """Close the connection (the reader then ends). A peer that does not answer the
+        close handshake within ``CLOSE_TIMEOUT`` has its socket shut anyway."""
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self._ws.aclose(code=code, reason=reason)
 
     # -- the reader and the writer ---------------------------------------------------------
 
@@ -334,7 +360,7 @@ class PeerSession:
                     return
 
     async def _write_loop(self) -> None:
-        limit = self._max_frame - 64
+        limit = min(self._max_frame - 64, BATCH_BYTES)
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()

@@ -17,7 +17,8 @@ callers to one address share one connection attempt.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -86,7 +87,8 @@ async def client_handshake(
     """Authenticate to a server; returns its node id.
 
     Raises:
-        PeerAuthFailed: the server refused us, or could not prove it knows the secret.
+        PeerAuthFailed: the server refused us (1008), or could not prove it knows the secret.
+        PeerUnreachable: the connection closed or stalled during the handshake.
     """
     nonce = new_nonce()
     try:
@@ -95,8 +97,14 @@ async def client_handshake(
             mac = client_mac(secret, challenge.nonce, nonce, local_id)
             await ws.send_message(f.encode(f.Answer(local_id, nonce, mac)))
             proof: f.Proof = await _receive_frame(ws, max_frame, f.Proof)
-    except (trio.TooSlowError, f.FrameError, trio_websocket.ConnectionClosed) as exc:
-        raise PeerAuthFailed(f"handshake failed: {exc!r}") from None
+    except trio_websocket.ConnectionClosed as exc:
+        if exc.reason is not None and exc.reason.code == 1008:
+            raise PeerAuthFailed(f"the peer refused our handshake: {exc.reason}") from None
+        raise PeerUnreachable(f"the peer closed during the handshake: {exc.reason}") from None
+    except trio.TooSlowError:
+        raise PeerUnreachable(f"no handshake within {HANDSHAKE_TIMEOUT}s") from None
+    except f.FrameError as exc:
+        raise PeerAuthFailed(f"the peer does not speak our handshake: {exc}") from None
     if not verify(server_mac(secret, nonce, challenge.nonce, proof.node_id), proof.mac):
         await ws.aclose(code=1008, reason="server proof invalid")
         raise PeerAuthFailed("the server could not prove it knows the cluster secret")
@@ -122,7 +130,10 @@ async def serve_peers(
     """
 
     async def on_connect(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
+        try:
+            ws = await request.accept()
+        except trio_websocket.ConnectionClosed:
+            return  # the client left during the upgrade; raising here would stop the server
         remote = await server_handshake(ws, local_id, secret, max_frame)
         if remote is None:
             return
@@ -154,6 +165,25 @@ async def serve_peers(
             )
         )
         task_status.started(server.port)
+
+
+@asynccontextmanager
+async def _one_error() -> AsyncIterator[None]:
+    """Raise a group's only real exception as itself (the connection nursery wraps them)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
+        while stack:
+            exc = stack.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                stack.extend(exc.exceptions)
+            elif not isinstance(exc, trio.Cancelled):
+                leaves.append(exc)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
 
 
 class PeerPool:
@@ -225,6 +255,9 @@ class PeerPool:
 
     async def session(self, addr: str, *, timeout: float = 5.0) -> PeerSession:
         """The live session to ``addr``, connecting (once, shared) if there is none."""
+        session = self._sessions.get(addr)
+        if session is not None and not session.closed and not self._closed:
+            return session  # the common case, without a cancel scope
         with trio.move_on_after(timeout) as scope:
             return await self._session(addr)
         assert scope.cancelled_caught
@@ -241,11 +274,12 @@ class PeerPool:
             if pending is None:
                 break
             await pending.wait()
-        since = trio.current_time() - self._failed_at.get(addr, -1e9)
-        if since < RECONNECT_BACKOFF:
-            await trio.sleep(RECONNECT_BACKOFF - since)
+        # Claim the attempt before any await, so concurrent callers wait for this one.
         self._connecting[addr] = done = trio.Event()
         try:
+            since = trio.current_time() - self._failed_at.get(addr, -1e9)
+            if since < RECONNECT_BACKOFF:
+                await trio.sleep(RECONNECT_BACKOFF - since)
             opened: PeerSession = await self._nursery.start(self._run_session, addr)
             self.connects += 1
             return opened
@@ -257,25 +291,36 @@ class PeerPool:
             done.set()
 
     async def _run_session(self, addr: str, task_status: trio.TaskStatus[PeerSession]) -> None:
-        """Own one client connection for its whole life (``open_websocket`` closes it)."""
+        """Own one client connection for its whole life.
+
+        We open (and always close) the TCP stream ourselves and hand it to trio-websocket:
+        ``open_websocket`` (0.12) leaves the socket to the garbage collector when the server
+        closes first or the opening handshake fails.
+        """
         host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
         try:
             port_number = int(port)
         except ValueError:
             raise PeerUnreachable(f"{addr!r} is not a host:port address") from None
         started = False
+        stream: trio.abc.Stream | None = None
         try:
-            async with trio_websocket.open_websocket(
-                host.strip("[]"),
-                port_number,
-                "/",
-                use_ssl=self._ssl if self._ssl is not None else False,
-                max_message_size=self._max_frame,
-                message_queue_size=QUEUE,
-                receive_buffer_size=RECEIVE_BUFFER,
-                connect_timeout=self._connect_timeout,
-                disconnect_timeout=1.0,
-            ) as ws:
+            async with _one_error(), trio.open_nursery() as connection:
+                with trio.fail_after(self._connect_timeout):
+                    tcp = await trio.open_tcp_stream(host, port_number)
+                    stream = tcp
+                    if self._ssl is not None:
+                        stream = trio.SSLStream(tcp, self._ssl, server_hostname=host)
+                    ws = await trio_websocket.wrap_client_stream(
+                        connection,
+                        stream,
+                        host,
+                        "/",
+                        max_message_size=self._max_frame,
+                        message_queue_size=QUEUE,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
                 remote = await client_handshake(ws, self._local_id, self._secret, self._max_frame)
                 session = PeerSession(
                     ws,
@@ -293,19 +338,24 @@ class PeerPool:
                 finally:
                     if self._sessions.get(addr) is session:
                         del self._sessions[addr]
+                    with trio.move_on_after(1.0) as scope:
+                        scope.shield = True
+                        await ws.aclose()
+                connection.cancel_scope.cancel()
         except (
             OSError,
             trio.BrokenResourceError,
+            trio.TooSlowError,
             trio_websocket.HandshakeError,
-            trio_websocket.ConnectionTimeout,
-            trio_websocket.DisconnectionTimeout,
+            trio_websocket.ConnectionClosed,
         ) as exc:
             if started:  # the session ran and ended; its callers have been failed already
                 return
             raise PeerUnreachable(f"cannot connect to {addr}: {exc!r}") from None
-        except trio_websocket.ConnectionClosed as exc:
-            if not started:  # closed during the handshake
-                raise PeerUnreachable(f"{addr} closed the connection: {exc.reason}") from None
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
 
     async def aclose(self) -> None:
         """Close every connection; later calls raise :class:`PeerUnreachable`."""

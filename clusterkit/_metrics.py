@@ -1,0 +1,150 @@
+"""Prometheus metrics of one node, served at ``http://<bind>:<metrics_port>/metrics``.
+
+Each node has its own :class:`prometheus_client.CollectorRegistry` (several nodes in one
+process never clash) holding one collector that reads the node's state *at scrape time*:
+nothing is updated on hot paths. The endpoint is a tiny HTTP/1.1 server on Trio in the
+node's nursery (prometheus-client's own server would start a thread per node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ._cluster import ClusterKit
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_REQUEST = 8192
+READ_TIMEOUT = 5.0
+
+# actor counters that only ever grow (the rest are exported as gauges)
+_COUNTERS = {
+    "joins",
+    "sessions_lost",
+    "keepalives",
+    "garbage",
+    "reloads",
+    "reconnects",
+    "maps_written",
+    "campaigns",
+}
+
+
+class NodeCollector(Collector):
+    """Reads a :class:`ClusterKit` when scraped."""
+
+    def __init__(self, ck: ClusterKit) -> None:
+        self._ck = ck
+
+    def collect(self) -> Iterator[Metric]:
+        ck = self._ck
+        view = ck.view
+        me = ck.node_id
+        labels = ["node"]
+        yield _gauge("clusterkit_healthy", "1 while the node is healthy", me, int(ck.is_healthy()))
+        yield _gauge(
+            "clusterkit_nodes", "registered nodes in this node's view", me, len(view.nodes)
+        )
+        yield _gauge(
+            "clusterkit_map_version",
+            "version of the partition map in this node's view",
+            me,
+            view.map.version if view.map is not None else 0,
+        )
+        held = sum(1 for row in view.replica_nodes if any(n.id == me for n in row))
+        yield _gauge(
+            "clusterkit_partitions_replicated", "partitions this node replicates", me, held
+        )
+        led = sum(1 for pt in ck._leadership.epochs if ck.is_leader(pt))
+        yield _gauge("clusterkit_partitions_led", "partitions this node leads", me, led)
+        pending = len(view.map.pending) if view.map is not None else 0
+        yield _gauge(
+            "clusterkit_partitions_moving", "partitions with a move in flight", me, pending
+        )
+        for actor, stats in ck.statistics().items():
+            for name, value in stats.items():
+                metric_name = f"clusterkit_{_snake(actor)}_{name}"
+                family: GaugeMetricFamily | CounterMetricFamily
+                if name in _COUNTERS or name.endswith(("_errors", "_total")):
+                    family = CounterMetricFamily(metric_name, f"{actor} {name}", labels=labels)
+                else:
+                    family = GaugeMetricFamily(metric_name, f"{actor} {name}", labels=labels)
+                family.add_metric([me], value)
+                yield family
+
+
+def _gauge(name: str, doc: str, node: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["node"])
+    family.add_metric([node], value)
+    return family
+
+
+def _snake(name: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out.removesuffix("_actor")
+
+
+def registry_for(ck: ClusterKit) -> CollectorRegistry:
+    """A registry holding ``ck``'s collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(ck))
+    return registry
+
+
+async def serve_metrics(
+    render: Callable[[], bytes],
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` (``render()``'s bytes) on ``host:port``; reports the port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await _answer(stream, render)
+
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _answer(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:
+    async with stream:
+        data = b""
+        with trio.move_on_after(READ_TIMEOUT):
+            while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+        line = data.split(b"\r\n", 1)[0].split()
+        if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
+            status, body, ctype = b"400 Bad Request", b"bad request\n", b"text/plain"
+        elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
+            status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
+        else:
+            status, body, ctype = b"200 OK", render(), CONTENT_TYPE.encode()
+        head = (
+            b"HTTP/1.1 "
+            + status
+            + b"\r\nContent-Type: "
+            + ctype
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(head + (body if line[:1] != [b"HEAD"] else b""))
+
+
+def render_for(ck: ClusterKit) -> Callable[[], bytes]:
+    """The ``render`` callable for ``ck``'s metrics."""
+    registry = registry_for(ck)
+    return lambda: generate_latest(registry)

@@ -1,0 +1,301 @@
+"""One node of the replicated KV store: ``python -m examples.kv_store.node --id n1 --etcd ...``.
+
+Theory of operation
+-------------------
+clusterkit decides who holds and who leads each partition; this module moves the data.
+
+* Writes (``kv.put``, ``kv.delete``) go to the partition's leader (the routing client finds
+  it). The leader stamps the write with ``(epoch, seq)`` (``store.py``), applies it locally,
+  replicates it *synchronously* to every other replica of the partition — committed ones,
+  joining ones (pending in the map) and nodes that are pulling the partition from it right
+  now — and only then acknowledges. Any replica that is alive (registered) but does not
+  answer fails the write; the client retries, and after the session TTL a dead node is no
+  longer registered and no longer waited for. So an acknowledged write is on every live
+  replica, and any replica that can become leader has it.
+* The leader works inside ``ck.leadership(pt)``: the block is cancelled before the lease
+  can expire, so a paused leader never acknowledges after a successor may exist. Replicas
+  refuse writes whose epoch is older than the newest they know (``max_epoch`` or the leader
+  epoch in their own view): a stale leader cannot overwrite a newer one.
+* A node that becomes a replica pulls the partition in ``on_partition_assigned`` through
+  ``ck.migration.pull`` from the leader (whose migration source registers the puller, so
+  every write from then on is also replicated to it). Versions make the merge of pulled and
+  replicated copies order-independent. The hook returning marks the replica ready, and
+  only then does clusterkit commit the move and let the old replica go.
+* ``on_partition_unassigned`` drops the partition's data: clusterkit calls it only after
+  the handoff committed.
+* SIGTERM drains (``ck.leave(drain=True)``): the node hands every partition off first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+import clusterkit
+
+from .store import Entry, Store, decode_value, encode_value
+
+REPLICATE_TIMEOUT = 2.0
+CATCHUP_GRACE = 30.0  # seconds a puller stays a replication target without being in the map
+
+
+class ReplicationFailed(clusterkit.ClusterKitError):
+    """A replica did not take the write; it is not acknowledged."""
+
+
+class StaleEpoch(clusterkit.ClusterKitError):
+    """A write came from a leader older than one this replica knows."""
+
+
+class KVNode:
+    """The data layer of one node."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.store = Store()
+        self._ck: clusterkit.ClusterKit | None = None
+        self.attached = trio.Event()
+        self.catchup: dict[int, dict[str, float]] = {}
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def ck(self) -> clusterkit.ClusterKit:
+        assert self._ck is not None
+        return self._ck
+
+    def attach(self, ck: clusterkit.ClusterKit) -> None:
+        """Register the handlers on a running node."""
+        self._ck = ck
+        ck.peers.add_handler("kv.put", self.put)
+        ck.peers.add_handler("kv.delete", self.delete)
+        ck.peers.add_handler("kv.get", self.get)
+        ck.peers.add_handler("kv.replicate", self.replicate)
+        ck.peers.add_handler("kv.stats", self.stats_handler)
+        ck.migration.source(self.source)
+        self.attached.set()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    async def on_partition_assigned(self, pt: int, previous: clusterkit.Node | None) -> None:
+        await self.attached.wait()
+        source = self._pull_source(pt, previous)
+        if source is None:
+            return  # nobody else holds this partition: a new cluster, nothing to copy
+        await self._pull(pt, source)
+        leader = self.ck.get_leader(pt)
+        if leader is not None and leader.id not in (source, self.node_id):
+            await self._pull(pt, leader.id)  # we copied a follower: catch up with the leader
+
+    async def on_partition_unassigned(self, pt: int, new_owner: clusterkit.Node | None) -> None:
+        self.store.drop(pt)
+        self.catchup.pop(pt, None)
+        self.stats["partitions_dropped"] += 1
+
+    def _pull_source(self, pt: int, previous: clusterkit.Node | None) -> str | None:
+        view = self.ck.view
+        live = view.nodes
+        leader = self.ck.get_leader(pt)
+        if leader is not None and leader.id != self.node_id and leader.id in live:
+            return leader.id
+        committed = view.map.replicas[pt] if view.map is not None else ()
+        if previous is not None and previous.id != self.node_id and previous.id in live:
+            return previous.id
+        others = [n for n in committed if n != self.node_id and n in live]
+        return others[0] if others else None
+
+    async def _pull(self, pt: int, source: str) -> None:
+        data = self.store.part(pt)
+
+        async def sink(_pt: int, entries: list[clusterkit.MigrationEntry]) -> None:
+            for e in entries:
+                data.apply(e.key, Entry(decode_value(e.value), e.epoch or 0, e.version or 0))
+
+        progress = await self.ck.migration.pull(pt, source, sink, timeout=30.0)
+        self.stats["pulls"] += 1
+        self.stats["keys_pulled"] += progress.keys
+
+    async def source(
+        self, req: clusterkit.SourceRequest
+    ) -> Any:  # an async iterator of MigrationEntry
+        # From now on every write we lead for this partition also goes to the puller.
+        self.catchup.setdefault(req.partition, {})[req.requester] = trio.current_time()
+        for key, entry in self.store.part(req.partition).snapshot(req.after):
+            yield clusterkit.MigrationEntry(
+                key, encode_value(entry), version=entry.seq, epoch=entry.epoch
+            )
+
+    # -- the leader's side -----------------------------------------------------------------
+
+    def _not_leader(self, pt: int) -> clusterkit.NotLeader:
+        leader = self.ck.get_leader(pt)
+        hint = leader.id if leader is not None and leader.id != self.node_id else None
+        return clusterkit.NotLeader(f"{self.node_id} does not lead partition {pt}", leader=hint)
+
+    async def put(self, payload: dict[str, Any]) -> dict[str, int]:
+        return await self._write(payload["k"], payload["v"])
+
+    async def delete(self, payload: dict[str, Any]) -> dict[str, int]:
+        return await self._write(payload["k"], None)
+
+    async def _write(self, key: str, value: bytes | None) -> dict[str, int]:
+        pt = self.ck.get_partition(key)
+        try:
+            async with self.ck.leadership(pt) as epoch:
+                data = self.store.part(pt)
+                if data.max_epoch > epoch:
+                    raise self._not_leader(pt)
+                entry = Entry(value, epoch, data.stamp(epoch))
+                data.apply(key.encode(), entry)
+                await self._replicate(pt, key, entry)
+        except clusterkit.LeadershipLost:
+            raise self._not_leader(pt) from None
+        except clusterkit.NotLeader as exc:
+            raise self._not_leader(pt) from exc
+        self.stats["writes"] += 1
+        return {"epoch": entry.epoch, "seq": entry.seq}
+
+    def _targets(self, pt: int) -> list[clusterkit.Node]:
+        view = self.ck.view
+        ids: set[str] = set()
+        if view.map is not None:
+            ids.update(view.map.replicas[pt])
+            ids.update(view.map.pending.get(pt, ()))
+        now = trio.current_time()
+        pulling = self.catchup.get(pt, {})
+        for node_id, since in list(pulling.items()):
+            if node_id in ids or now - since < CATCHUP_GRACE:
+                ids.add(node_id)
+            else:
+                del pulling[node_id]
+        ids.discard(self.node_id)
+        return [view.nodes[i] for i in sorted(ids) if i in view.nodes]
+
+    async def _replicate(self, pt: int, key: str, entry: Entry) -> None:
+        targets = self._targets(pt)
+        failed: list[str] = []
+        message = {"p": pt, "k": key, "v": entry.value, "e": entry.epoch, "s": entry.seq}
+
+        async def one(node: clusterkit.Node) -> None:
+            try:
+                await self.ck.peers.request(
+                    node, "kv.replicate", message, timeout=REPLICATE_TIMEOUT
+                )
+            except clusterkit.PeerError as exc:
+                failed.append(f"{node.id}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for node in targets:
+                nursery.start_soon(one, node)
+        if failed:
+            self.stats["replication_failures"] += 1
+            raise ReplicationFailed(f"partition {pt}: not replicated to {'; '.join(failed)}")
+
+    async def get(self, payload: dict[str, Any]) -> dict[str, Any]:
+        key: str = payload["k"]
+        pt = self.ck.get_partition(key)
+        if not self.ck.is_leader(pt):
+            raise self._not_leader(pt)
+        entry = self.store.part(pt).entries.get(key.encode())
+        self.stats["reads"] += 1
+        if entry is None or entry.value is None:
+            return {"found": False}
+        return {"found": True, "v": entry.value, "epoch": entry.epoch, "seq": entry.seq}
+
+    # -- the replica's side ----------------------------------------------------------------
+
+    async def replicate(self, m: dict[str, Any]) -> bool:
+        pt, epoch = m["p"], m["e"]
+        data = self.store.part(pt)
+        known = self.ck.leader_epoch(pt) or 0
+        if epoch < data.max_epoch or epoch < known:
+            self.stats["stale_rejected"] += 1
+            raise StaleEpoch(f"partition {pt}: epoch {epoch} < {max(data.max_epoch, known)}")
+        data.apply(m["k"].encode(), Entry(m["v"], epoch, m["s"]))
+        self.stats["replicated"] += 1
+        return True
+
+    async def stats_handler(self, _payload: Any) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "partitions": len(self.store.partitions),
+            "keys": sum(d.live_keys() for d in self.store.partitions.values()),
+            "stats": dict(self.stats),
+        }
+
+
+def node_config(node: KVNode, args: argparse.Namespace) -> clusterkit.Config:
+    return clusterkit.Config(
+        node_id=args.id,
+        etcd_endpoints=args.etcd.split(","),
+        etcd_prefix=args.prefix,
+        http_port=0,
+        metrics_port=None,
+        partitions=args.partitions,
+        replica_factor=args.replicas,
+        session_ttl=args.session_ttl,
+        rebalance_delay=args.rebalance_delay,
+        on_partition_assigned=node.on_partition_assigned,
+        on_partition_unassigned=node.on_partition_unassigned,
+    )
+
+
+def emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+async def until_stdin_closes(scope: trio.CancelScope) -> None:
+    """Leave when the parent closes our stdin (or dies): no orphaned nodes."""
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some():
+            pass
+    scope.cancel()
+
+
+async def main(args: argparse.Namespace) -> None:
+    node = KVNode(args.id)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            if args.parent_stdin:
+                nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
+            async with clusterkit.open_cluster(node_config(node, args)) as ck:
+                node.attach(ck)
+                emit({"event": "up", "node": args.id, "addr": ck.peers.address, "t": time.time()})
+                async for signum in signals:
+                    if signum == signal.SIGTERM:
+                        emit({"event": "draining", "node": args.id, "t": time.time()})
+                        with trio.move_on_after(args.drain_timeout):
+                            await ck.leave(drain=True)
+                    break
+            nursery.cancel_scope.cancel()
+    emit({"event": "left", "node": args.id, "t": time.time(), "stats": dict(node.stats)})
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--id", required=True)
+    p.add_argument("--etcd", required=True, help="comma-separated host:port list")
+    p.add_argument("--prefix", default="/kvstore")
+    p.add_argument("--partitions", type=int, default=64)
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--session-ttl", type=float, default=2.0)
+    p.add_argument("--rebalance-delay", type=float, default=1.0)
+    p.add_argument("--drain-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--parent-stdin", action="store_true", help="leave when stdin closes (demo/tests)"
+    )
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    trio.run(main, parse(sys.argv[1:]))
