@@ -38,6 +38,7 @@ from ._core.view import EMPTY_VIEW, ClusterView
 from ._errors import LeadershipLost, NotLeader
 from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import open_embedded_etcd
+from ._metrics import render_for, serve_metrics
 from ._migration.service import Migration
 from ._peers.secret import configured_secret, shared_secret
 from ._peers.service import Peers
@@ -101,6 +102,8 @@ class ClusterKit:
         """Talk to other nodes (requests, one-way messages, streams); see :class:`Peers`."""
         self.migration: Migration
         """Move partitions between nodes (source, pull); see :class:`Migration`."""
+        self.metrics_address: str | None = None
+        """``host:port`` of the Prometheus endpoint (``/metrics``), or None when disabled."""
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -502,6 +505,12 @@ async def _open_node(
                 ck.migration = migration
                 ck._actors = [membership, watcher, rebalancer, partitions]
                 ck._supervisor = partitions
+                if config.metrics_port is not None:
+                    host = config.bind_addr or config.advertise_addr
+                    port = await nursery.start(
+                        serve_metrics, render_for(ck), host, config.metrics_port
+                    )
+                    ck.metrics_address = f"{config.advertise_addr}:{port}"
                 try:
                     yield ck
                 except BaseException as exc:

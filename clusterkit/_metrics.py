@@ -24,17 +24,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8192
 READ_TIMEOUT = 5.0
 
-# actor counters that only ever grow (the rest are exported as gauges)
-_COUNTERS = {
-    "joins",
-    "sessions_lost",
-    "keepalives",
-    "garbage",
-    "reloads",
-    "reconnects",
-    "maps_written",
-    "campaigns",
-}
+# statistics that go up and down; every other statistic only ever grows (a counter)
+_GAUGES = {"revision", "coordinator", "partitions", "serving"}
 
 
 class NodeCollector(Collector):
@@ -68,14 +59,16 @@ class NodeCollector(Collector):
         yield _gauge(
             "clusterkit_partitions_moving", "partitions with a move in flight", me, pending
         )
-        for actor, stats in ck.statistics().items():
+        sources = dict(ck.statistics())
+        sources["Migration"] = ck.migration.statistics()
+        for actor, stats in sources.items():
             for name, value in stats.items():
                 metric_name = f"clusterkit_{_snake(actor)}_{name}"
                 family: GaugeMetricFamily | CounterMetricFamily
-                if name in _COUNTERS or name.endswith(("_errors", "_total")):
-                    family = CounterMetricFamily(metric_name, f"{actor} {name}", labels=labels)
-                else:
+                if name in _GAUGES:
                     family = GaugeMetricFamily(metric_name, f"{actor} {name}", labels=labels)
+                else:
+                    family = CounterMetricFamily(metric_name, f"{actor} {name}", labels=labels)
                 family.add_metric([me], value)
                 yield family
 

@@ -54,6 +54,7 @@ class Report:
     failover_seconds: float = 0.0
     drained: str = ""
     added: str = ""
+    overwrite_rounds: int = 0
     max_write_seconds: float = 0.0
     retries: int = 0
     phases: dict[str, float] = field(default_factory=dict)
@@ -71,7 +72,8 @@ class Report:
             f"killed (SIGKILL)         {self.killed} (led {self.killed_led} partitions)",
             f"failover                 {self.failover_seconds:.2f} s until every partition "
             "had a live leader again",
-            f"added / drained          {self.added} / {self.drained}",
+            f"added / drained          {self.added} / {self.drained} (under "
+            f"{self.overwrite_rounds} rounds of overwrites and deletes)",
             f"slowest write            {self.max_write_seconds:.2f} s (retries {self.retries})",
             "phases                   "
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()),
@@ -313,9 +315,7 @@ async def _scenario(
         report.added = "n4"
         drained = survivors[0]
         report.drained = drained
-        updates: list[tuple[str, bytes | None]] = [
-            (k, None if i % 20 == 0 else f"v2-{k}".encode()) for i, k in enumerate(names[::2])
-        ]
+        churned = trio.Event()
 
         async def churn() -> None:
             await wait_until("n4 joined", lambda: healthy(client, {*survivors, "n4"}), 120)
@@ -326,10 +326,28 @@ async def _scenario(
             rest = {*survivors, "n4"} - {drained}
             await wait_until("drained", lambda: healthy(client, rest), 120)
             say(f"{drained} drained and left ({trio.current_time() - t2:.1f} s)")
+            churned.set()
+
+        async def overwrite() -> None:
+            # Rounds over half of the keys (1 in 20 deleted) until the churn is over, so the
+            # join and the drain both happen under writes.
+            version = 2
+            while True:
+                await writer.write_all(
+                    [
+                        (k, None if (i + version) % 20 == 0 else f"v{version}-{k}".encode())
+                        for i, k in enumerate(names[::2])
+                    ],
+                    concurrency,
+                )
+                report.overwrite_rounds += 1
+                if churned.is_set():
+                    return
+                version += 1
 
         async with trio.open_nursery() as phase:
             phase.start_soon(churn)
-            await writer.write_all(updates, concurrency)
+            phase.start_soon(overwrite)
         report.phases["add+drain+overwrite"] = trio.current_time() - t2
 
         # -- phase 3: read everything back ----------------------------------------------------
