@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 import clusterkit
-from tests.cluster_helpers import node_config, start_node, wait_converged
+from cluster_helpers import node_config, start_node, wait_converged
 
 
 async def _http_get(address: str, path: str) -> tuple[bytes, bytes]:
