@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import trio
+from cluster_helpers import node_config, start_node, wait_converged
 
 import clusterkit
-from cluster_helpers import node_config, start_node, wait_converged
 
 
 async def _http_get(address: str, path: str) -> tuple[bytes, bytes]:

@@ -209,8 +209,10 @@ class PeerPool:
         max_frame: int = f.MAX_FRAME,
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = HANDSHAKE_TIMEOUT,
+        reconnect_backoff: float = RECONNECT_BACKOFF,
     ) -> None:
         self._nursery = nursery
+        self._backoff = reconnect_backoff
         self._local_id = local_id
         self._secret = secret
         self._handlers = handlers if handlers is not None else {}
@@ -220,7 +222,7 @@ class PeerPool:
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, PeerSession] = {}
         self._connecting: dict[str, trio.Event] = {}
-        self._failed_at: dict[str, float] = {}
+        self._failure: dict[str, tuple[float, str]] = {}  # addr -> (when, why)
         self._closed = False
         self.connects = 0
 
@@ -264,27 +266,34 @@ class PeerPool:
         raise PeerUnreachable(f"could not connect to {addr} within {timeout}s")
 
     async def _session(self, addr: str) -> PeerSession:
+        """The live session, or one connection attempt shared by every concurrent caller.
+
+        When an attempt fails, everyone who waited on it fails with its error, and calls
+        within ``RECONNECT_BACKOFF`` of the failure fail at once (fail fast: a dead peer costs
+        its callers no time, and is not dialed once per caller). ``reconnect_backoff``
+        sets that window.
+        """
         while True:
             if self._closed:
                 raise PeerUnreachable("the peer pool is closed")
             session = self._sessions.get(addr)
             if session is not None and not session.closed:
                 return session
+            failure = self._failure.get(addr)
+            if failure is not None and trio.current_time() - failure[0] < self._backoff:
+                raise PeerUnreachable(failure[1])
             pending = self._connecting.get(addr)
             if pending is None:
                 break
             await pending.wait()
-        # Claim the attempt before any await, so concurrent callers wait for this one.
-        self._connecting[addr] = done = trio.Event()
+        self._connecting[addr] = done = trio.Event()  # claimed before any await
         try:
-            since = trio.current_time() - self._failed_at.get(addr, -1e9)
-            if since < RECONNECT_BACKOFF:
-                await trio.sleep(RECONNECT_BACKOFF - since)
             opened: PeerSession = await self._nursery.start(self._run_session, addr)
             self.connects += 1
+            self._failure.pop(addr, None)
             return opened
-        except BaseException:
-            self._failed_at[addr] = trio.current_time()
+        except Exception as exc:
+            self._failure[addr] = (trio.current_time(), str(exc))
             raise
         finally:
             del self._connecting[addr]

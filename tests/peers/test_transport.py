@@ -162,3 +162,35 @@ async def test_pending_requests_fail_when_the_peer_goes_away() -> None:
         with pytest.raises(PeerUnreachable):
             await pool.request(addr, "echo", 1, timeout=1)
         outer.cancel_scope.cancel()
+
+
+async def test_concurrent_callers_share_one_attempt_and_fail_fast_after_it() -> None:
+    accepted = 0
+
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, close_at_once, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        pool = PeerPool(nursery, "client", SECRET, connect_timeout=0.5, reconnect_backoff=60)
+        failures: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await pool.request(f"127.0.0.1:{port}", "echo", 1, timeout=5)
+            except PeerUnreachable as exc:
+                failures.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as callers:
+                for _ in range(20):
+                    callers.start_soon(call)
+        assert len(failures) == 20
+        assert accepted == 1  # one dial for all twenty callers
+        with pytest.raises(PeerUnreachable):  # within the backoff: no new dial
+            await pool.request(f"127.0.0.1:{port}", "echo", 1, timeout=5)
+        assert accepted == 1
+        nursery.cancel_scope.cancel()
