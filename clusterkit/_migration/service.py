@@ -518,7 +518,7 @@ class Migration:
         self._source: Source | None = None
         self._serving = 0
         self._stats = dict.fromkeys(_COUNTERS, 0)
-        peers.add_stream_handler(METHOD, self._serve)
+        peers.add_stream_handler(METHOD, self._serve, _internal=True)
 
     def __repr__(self) -> str:
         fn = self._source

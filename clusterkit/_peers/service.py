@@ -78,14 +78,21 @@ class Peers:
 
         return register
 
-    def add_handler(self, method: str, fn: Handler) -> None:
-        """Register ``fn`` for ``method`` (replacing an earlier one)."""
-        _check_method(method)
+    def add_handler(self, method: str, fn: Handler, *, _internal: bool = False) -> None:
+        """Register ``fn`` for ``method`` (replacing an earlier one).
+
+        Raises:
+            ValueError: ``method`` is empty, too long, or starts with ``clusterkit.``
+                (reserved for clusterkit's own services).
+        """
+        _check_method(method, _internal)
         self.handlers[method] = fn
 
-    def add_stream_handler(self, method: str, fn: StreamHandler) -> None:
-        """Register the stream handler ``fn`` for ``method``."""
-        _check_method(method)
+    def add_stream_handler(
+        self, method: str, fn: StreamHandler, *, _internal: bool = False
+    ) -> None:
+        """Register the stream handler ``fn`` for ``method`` (same rules as handlers)."""
+        _check_method(method, _internal)
         self.stream_handlers[method] = fn
 
     # -- calling ---------------------------------------------------------------------------
@@ -146,6 +153,8 @@ class Peers:
             await stream.abort()
 
 
-def _check_method(method: str) -> None:
+def _check_method(method: str, internal: bool) -> None:
     if not isinstance(method, str) or not 0 < len(method) <= 256:
         raise ValueError("a method name is a non-empty string of at most 256 characters")
+    if method.startswith(RESERVED_PREFIX) and not internal:
+        raise ValueError(f"method names starting with {RESERVED_PREFIX!r} are reserved")

@@ -125,7 +125,7 @@ class PeerStream:
         if self._consumed >= STREAM_WINDOW // 2 and not self._remote_ended:
             credit, self._consumed = self._consumed, 0
             self._allowance += credit
-            self._session.send_control(f.StreamCredit(self.id, credit), quiet=True)
+            self._session.send_control(f.StreamCredit(self.id, credit))
         return item
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -145,7 +145,7 @@ class PeerStream:
         if self._local_ended or self._failure is not None:
             return
         self._local_ended = True
-        self._session.send_control(f.StreamEnd(self.id, None), quiet=True)
+        self._session.send_control(f.StreamEnd(self.id, None))
         self._forget_if_done()
 
     async def abort(self, error_type: str = "Cancelled", message: str = "stream aborted") -> None:
@@ -157,7 +157,7 @@ class PeerStream:
             return
         self._fail(PeerUnreachable(f"{self!r} was aborted locally"))
         error = (error_type[:256] or "Cancelled", message[:1000])
-        self._session.send_control(f.StreamEnd(self.id, error), quiet=True)
+        self._session.send_control(f.StreamEnd(self.id, error))
 
     # -- the reader's side (synchronous, never blocks) ---------------------------------------
 
@@ -299,17 +299,13 @@ class PeerSession:
                 raise PeerUnreachable(f"connection to {self.remote_id} is closed")
         self._push(data)
 
-    def send_control(self, frame: f.Frame, *, quiet: bool = False) -> None:
-        """Queue a small control frame at once, past ``HIGH_WATER`` (never blocks).
+    def send_control(self, frame: f.Frame) -> None:
+        """Queue a small stream control frame at once, past ``HIGH_WATER`` (never blocks).
 
-        Raises:
-            PeerUnreachable: the connection is closed (unless ``quiet``: then it is dropped).
+        On a closed connection the frame is dropped: its streams have failed already.
         """
-        if self.closed:
-            if quiet:
-                return
-            raise PeerUnreachable(f"connection to {self.remote_id} is closed")
-        self._push(f.encode(frame))
+        if not self.closed:
+            self._push(f.encode(frame))
 
     def _push(self, data: bytes) -> None:
         self._out.append(data)
@@ -447,19 +443,16 @@ class PeerSession:
 
     async def _serve_stream(self, stream: PeerStream, payload: Any) -> None:
         handler = self._stream_handlers.get(stream.method)
+        if handler is None:
+            await stream.abort("UnknownMethod", stream.method)
+            return
         try:
-            if handler is None:
-                await stream.abort("UnknownMethod", stream.method)
-                return
-            try:
-                await handler(stream, payload)
-            except Exception as exc:
-                reply = error_frame(0, exc)
-                await stream.abort(reply.error_type, reply.message)
-            else:
-                await stream.end()
-        except PeerUnreachable:
-            pass
+            await handler(stream, payload)
+        except Exception as exc:
+            reply = error_frame(0, exc)
+            await stream.abort(reply.error_type, reply.message)
+        else:
+            await stream.end()
 
     async def _send_quietly(self, frame: f.Frame) -> None:
         with contextlib.suppress(PeerUnreachable, ValueError):

@@ -16,6 +16,7 @@ callers to one address share one connection attempt.
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -347,10 +348,18 @@ class PeerPool:
                 finally:
                     if self._sessions.get(addr) is session:
                         del self._sessions[addr]
-                    with trio.move_on_after(1.0) as scope:
-                        scope.shield = True
-                        await ws.aclose()
-                connection.cancel_scope.cancel()
+                    # Our Close, unless the peer's ended the session (then this returns at
+                    # once). Not when we are being cancelled: trio-websocket's reader, in
+                    # `connection`, is cancelled too and could never read the answer, so the
+                    # wait would always last its full second (every node shutdown did).
+                    if trio.current_effective_deadline() != -math.inf:
+                        with trio.move_on_after(1.0):
+                            await ws.aclose()
+                # Not cancel(): trio-websocket's reader must live on to read the peer's
+                # answer to our Close, which is what wakes a ws.aclose() waiting elsewhere
+                # (PeerPool.aclose, or the session closing on a protocol error). It ends when
+                # the server drops the TCP connection; a silent server gets 1 s.
+                connection.cancel_scope.deadline = trio.current_time() + 1.0
         except (
             OSError,
             trio.BrokenResourceError,

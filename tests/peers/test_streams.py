@@ -493,4 +493,18 @@ async def test_error_types_longer_than_the_wire_limit_are_cut() -> None:
         with pytest.raises(RemoteError):
             await pool.request(f"127.0.0.1:{port}", "fail", None)
         assert pool.connects == 1  # the connection survived both
+        await pool.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_closing_the_pool_completes_the_close_handshake() -> None:
+    """``PeerPool.aclose()`` waits for the server's answer to its Close frame; the pool's
+    connection task must not cut trio-websocket's reader off before that answer is read
+    (it used to, about every other time, and ``aclose()`` then sat out its 1 s cap)."""
+    async with server({}) as srv:
+        for i in range(6):
+            pool = PeerPool(srv.nursery, f"cli{i}", SECRET)
+            assert await pool.request(srv.addr, "echo", i) == i
+            started = trio.current_time()
+            await pool.aclose()
+            assert trio.current_time() - started < 0.5
