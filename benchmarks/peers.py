@@ -20,6 +20,13 @@ therefore share one CPU; the numbers are the cost of a message through both ends
 Every measurement runs in interleaved rounds (clusterkit, raw, clusterkit, ...) and reports
 the median round. ``--profile X`` runs the clusterkit part X under cProfile once more and
 prints where its time goes. The exit status is 1 when a goal was missed.
+
+Where the time goes (py-spy, 2 CPUs, trio 0.35, trio-websocket 0.12.2, wsproto 1.3): a round
+trip crosses about 11 Trio scheduler batches against the raw protocol's 4 (caller -> writer
+task -> trio-websocket's reader task -> session reader -> handler task -> writer, and back),
+so the scheduler is 40% of it and wsproto 17%; the session and codec are under 10%. Uploads
+(client -> server) spend 43% in wsproto's pure-Python XOR masking, which RFC 6455 requires of
+clients; downloads have none and run about twice as fast. Neither is tunable from here.
 """
 
 from __future__ import annotations

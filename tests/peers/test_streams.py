@@ -508,3 +508,21 @@ async def test_closing_the_pool_completes_the_close_handshake() -> None:
             started = trio.current_time()
             await pool.aclose()
             assert trio.current_time() - started < 0.5
+
+
+async def test_cancelling_live_connections_is_prompt() -> None:
+    """When the pool's nursery is cancelled (a node shutting down), its connection tasks do
+    not wait for a close handshake that trio-websocket's cancelled reader cannot finish."""
+
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            partial(serve_peers, "srv", SECRET, {"echo": echo}, "127.0.0.1", 0)
+        )
+        pool = PeerPool(nursery, "cli", SECRET)
+        await pool.request(f"127.0.0.1:{port}", "echo", 0)
+        started = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - started < 0.5
