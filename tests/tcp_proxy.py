@@ -19,6 +19,8 @@ class Proxy:
         self.open = True
         self.connections = 0
         self._scopes: set[trio.CancelScope] = set()
+        self._thawed = trio.Event()
+        self._thawed.set()
 
     @property
     def endpoint(self) -> str:
@@ -32,6 +34,13 @@ class Proxy:
 
     def restore(self) -> None:
         self.open = True
+
+    def freeze(self) -> None:
+        """Keep every connection open but forward nothing (a frozen peer) until :meth:`thaw`."""
+        self._thawed = trio.Event()
+
+    def thaw(self) -> None:
+        self._thawed.set()
 
     async def _handle(self, client: trio.SocketStream) -> None:
         async with client:
@@ -49,6 +58,7 @@ class Proxy:
                     async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
                         try:
                             async for data in src:
+                                await self._thawed.wait()
                                 await dst.send_all(data)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             pass

@@ -7,11 +7,12 @@ Both ends of a connection run the same :class:`PeerSession` once the handshake i
 Reading: ONE reader task decodes messages (``frames.decode_batch``) and dispatches each frame
 without blocking — requests and one-way messages go to handlers (each in its own task, at most
 ``max_concurrent`` at a time), responses and errors to the waiting caller by request id,
-stream frames to their :class:`PeerStream`. A frame the decoder refuses, or a peer that breaks
-the stream protocol (an item beyond the credit it was given, an unknown frame kind at this
-stage), closes the connection with a proper close code (1002 protocol error, 1009 too big);
-the node goes on. When a connection ends, every request still waiting on it fails with
-:class:`PeerUnreachable`, and so does every stream.
+stream frames to their :class:`PeerStream`. A ping every ``PING_INTERVAL`` that is not
+answered within ``PING_TIMEOUT`` (a frozen or cut-off peer) fails the connection. A frame
+the decoder refuses, or a peer that breaks the stream protocol (an item beyond the credit it
+was given, an unknown frame kind at this stage), closes the connection with a proper close
+code (1002 protocol error, 1009 too big); the node goes on. When a connection ends, every
+request still waiting on it fails with :class:`PeerUnreachable`, and so does every stream.
 
 Writing: callers append encoded frames to an outgoing queue; ONE writer task sends them.
 When several frames are queued, they go as one websocket message (a ``Batch`` frame, up to
@@ -55,6 +56,8 @@ HIGH_WATER = 4 * 1024 * 1024  # bytes queued for writing before senders wait
 MAX_CONCURRENT = 256  # handlers running at once per connection
 BATCH_BYTES = 256 * 1024  # a batch message stops growing here; bigger frames go alone
 CLOSE_TIMEOUT = 2.0  # seconds the websocket close handshake may take before the socket is shut
+PING_INTERVAL = 5.0  # seconds between websocket pings on a connection
+PING_TIMEOUT = 10.0  # a connection whose ping is not answered this long is given up
 
 
 def error_frame(request_id: int, exc: BaseException) -> f.ErrorReply:
@@ -214,6 +217,8 @@ class PeerSession:
         max_frame: int = f.MAX_FRAME,
         dialed: bool = True,
         max_concurrent: int = MAX_CONCURRENT,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
     ) -> None:
         self._ws = ws
         self.remote_id = remote_id
@@ -231,6 +236,9 @@ class PeerSession:
         self._out_ready = trio.Event()
         self._drained = trio.Event()
         self.closed = False
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.pings_missed = 0
         self.requests_served = 0
         self.messages_sent = 0
         self.frames_sent = 0
@@ -325,6 +333,7 @@ class PeerSession:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._keepalive, nursery.cancel_scope)
                 await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
         finally:
@@ -337,6 +346,21 @@ class PeerSession:
             for stream in list(self.streams.values()):
                 stream._fail(error)
             self._drained.set()
+
+    async def _keepalive(self, session_scope: trio.CancelScope) -> None:
+        """Ping the peer; one that stays silent (frozen, cut off) fails the connection, so
+        pending calls and streams fail instead of hanging on an open TCP connection."""
+        while True:
+            await trio.sleep(self.ping_interval)
+            with trio.move_on_after(self.ping_timeout) as scope:
+                try:
+                    await self._ws.ping()
+                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+                    return
+            if scope.cancelled_caught:
+                self.pings_missed += 1
+                session_scope.cancel()  # run() fails everything pending on this connection
+                return
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:

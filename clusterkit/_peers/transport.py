@@ -28,7 +28,14 @@ import trio_websocket
 from .._errors import PeerAuthFailed, PeerUnreachable, RemoteError
 from . import frames as f
 from .handshake import client_mac, new_nonce, server_mac, verify
-from .session import Handler, PeerSession, PeerStream, StreamHandler
+from .session import (
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    Handler,
+    PeerSession,
+    PeerStream,
+    StreamHandler,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -197,6 +204,9 @@ class PeerPool:
         handlers, stream_handlers: served on these outgoing connections too (the peer may
             call back over them).
         ssl_context: TLS client context for ``wss://``; None: plain websocket.
+        connect_timeout: seconds a connect (TCP, TLS, websocket upgrade) may take.
+        reconnect_backoff: after a failed connect, calls fail at once for this long.
+        ping_interval, ping_timeout: liveness pings on every connection (see session.py).
     """
 
     def __init__(
@@ -211,8 +221,11 @@ class PeerPool:
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = HANDSHAKE_TIMEOUT,
         reconnect_backoff: float = RECONNECT_BACKOFF,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
     ) -> None:
         self._nursery = nursery
+        self._pings = (ping_interval, ping_timeout)
         self._backoff = reconnect_backoff
         self._local_id = local_id
         self._secret = secret
@@ -339,6 +352,8 @@ class PeerPool:
                     self._stream_handlers,
                     max_frame=self._max_frame,
                     dialed=True,
+                    ping_interval=self._pings[0],
+                    ping_timeout=self._pings[1],
                 )
                 self._sessions[addr] = session
                 task_status.started(session)

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 import trio
 import trio_websocket
+from tcp_proxy import open_proxy
 
 from clusterkit._peers import frames as f
 from clusterkit._peers.handshake import client_mac, new_nonce
@@ -193,4 +194,22 @@ async def test_concurrent_callers_share_one_attempt_and_fail_fast_after_it() -> 
         with pytest.raises(PeerUnreachable):  # within the backoff: no new dial
             await pool.request(f"127.0.0.1:{port}", "echo", 1, timeout=5)
         assert accepted == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_peer_fails_pending_calls_after_the_ping_timeout() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_peers, "server", SECRET, HANDLERS, "127.0.0.1", 0))
+        async with open_proxy(f"127.0.0.1:{port}") as proxy:
+            pool = PeerPool(nursery, "client", SECRET, ping_interval=0.1, ping_timeout=0.3)
+            with trio.fail_after(10):
+                assert await pool.request(proxy.endpoint, "echo", 1) == {"echo": 1}
+                proxy.freeze()  # the connection stays open, but nothing gets through
+                with pytest.raises(PeerUnreachable, match="closed"):
+                    await pool.request(proxy.endpoint, "echo", 2, timeout=60)
+                proxy.thaw()
+                # the next call dials a fresh connection
+                assert await pool.request(proxy.endpoint, "echo", 3) == {"echo": 3}
+            assert proxy.connections == 2
+            await pool.aclose()
         nursery.cancel_scope.cancel()
