@@ -78,7 +78,7 @@ from .._peers.session import PeerStream
 
 METHOD = "clusterkit.migration.stream_partition"
 DEFAULT_BATCH_KEYS = 1000
-DEFAULT_BATCH_BYTES = 1 << 20
+DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_MAX_RESUMES = 10
 BURST_SECONDS = 0.1  # a token bucket holds this many seconds of its rate
