@@ -75,6 +75,9 @@ from ._peers.secret import configured_secret, shared_secret
 from ._peers.tls import client_context
 from ._peers.transport import PeerPool
 
+# Remote error types that mean "not the leader (any more)": retried, following the hint.
+NOT_LEADER_TYPES = frozenset({"NotLeader", "LeadershipLost"})
+
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 0.5
 MAX_HOPS = 2  # NotLeader hints followed in a row before waiting for the view
@@ -407,7 +410,7 @@ class RoutingClient:
                     return await pool.request(target.http_addr(), method, payload, timeout=left)
                 except RemoteError as exc:
                     trace.sending_to = None
-                    if exc.remote_type != "NotLeader":
+                    if exc.remote_type not in NOT_LEADER_TYPES:
                         raise
                     self._counters["redirects"] += 1
                     trace.last, trace.hint = exc, _hint(exc)

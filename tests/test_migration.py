@@ -43,15 +43,14 @@ from clusterkit._migration.service import (
 )
 from clusterkit._peers.session import STREAM_WINDOW
 
-# trio-websocket leaves a client socket to the garbage collector when the other side drops
-# the connection first (the proxy cuts); see tests/peers/test_transport.py.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# A socket left to the garbage collector is a leak: collect inside each test, so a
+# ResourceWarning fails the test that caused it (filterwarnings = error).
 
 
 @pytest.fixture(autouse=True)
 def _collect_sockets_inside_the_test() -> Iterator[None]:
     yield
-    gc.collect()  # so the ResourceWarning surfaces here, under the filter above
+    gc.collect()
 
 
 P = 8

@@ -17,9 +17,8 @@ import clusterkit
 from clusterkit._peers.session import PeerStream
 from clusterkit._peers.transport import PeerPool
 
-# trio-websocket 0.12 leaves the client's TCP socket to the garbage collector when the server
-# closes the connection first; see tests/peers/test_transport.py.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# A socket left to the garbage collector is a leak: collect inside each test, so a
+# ResourceWarning fails the test that caused it (filterwarnings = error).
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 import trio
 import trio_websocket
+from raw_websocket import open_raw_websocket
 from tcp_proxy import open_proxy
 
 from clusterkit._peers import frames as f
@@ -24,16 +25,14 @@ from clusterkit._peers.transport import (
     serve_peers,
 )
 
-# trio-websocket 0.12 leaves the client's TCP socket to the garbage collector when the server
-# closes the connection first (close handshake cut short); the socket is closed, but by GC,
-# which pytest reports as an unraisable ResourceWarning. Tracked in the closing note.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# A socket left to the garbage collector is a leak: collect inside each test, so a
+# ResourceWarning fails the test that caused it (filterwarnings = error).
 
 
 @pytest.fixture(autouse=True)
 def _collect_sockets_inside_the_test() -> Iterator[None]:
     yield
-    gc.collect()  # so the ResourceWarning surfaces here, under the filter above
+    gc.collect()
 
 
 SECRET = b"cluster-secret-for-tests-only-32"
@@ -109,8 +108,7 @@ async def test_wrong_secret_never_reaches_a_handler() -> None:
 async def test_hostile_frames_close_that_connection_not_the_node(garbage: bytes) -> None:
     reached.clear()
     async with server(max_frame=1024) as (addr, nursery):
-        host, _, port = addr.rpartition(":")
-        async with trio_websocket.open_websocket(host, int(port), "/", use_ssl=False) as ws:
+        async with open_raw_websocket(addr) as ws:
             challenge = f.decode(_bytes(await ws.get_message()))
             assert isinstance(challenge, f.Challenge)
             nonce = new_nonce()
@@ -131,8 +129,7 @@ async def test_garbage_before_the_handshake_and_silence_are_refused(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with server() as (addr, _):
-        host, _, port = addr.rpartition(":")
-        async with trio_websocket.open_websocket(host, int(port), "/", use_ssl=False) as ws:
+        async with open_raw_websocket(addr) as ws:
             await ws.get_message()  # the challenge
             # say nothing: the server gives up after the handshake timeout
             with trio.fail_after(30), pytest.raises(trio_websocket.ConnectionClosed) as info:
