@@ -8,7 +8,7 @@ node's nursery (prometheus-client's own server would start a thread per node).
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -109,32 +109,45 @@ async def serve_metrics(
 
 
 async def _answer(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:
-    async with stream:
-        data = b""
-        with trio.move_on_after(READ_TIMEOUT):
-            while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                data += chunk
-        line = data.split(b"\r\n", 1)[0].split()
-        if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
-            status, body, ctype = b"400 Bad Request", b"bad request\n", b"text/plain"
-        elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
-            status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
-        else:
+    """Answer one request. Nothing a client does here (reset, garbage, silence) and no error
+    while rendering may escape: this runs in the node's nursery."""
+    try:
+        async with stream:
+            await _respond(stream, render)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the scraper went away
+
+
+async def _respond(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:
+    data = b""
+    with trio.move_on_after(READ_TIMEOUT):
+        while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+    line = data.split(b"\r\n", 1)[0].split()
+    if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
+        status, body, ctype = b"400 Bad Request", b"bad request\n", b"text/plain"
+    elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
+        status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
+    else:
+        try:
             status, body, ctype = b"200 OK", render(), CONTENT_TYPE.encode()
-        head = (
-            b"HTTP/1.1 "
-            + status
-            + b"\r\nContent-Type: "
-            + ctype
-            + b"\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\nConnection: close\r\n\r\n"
-        )
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(head + (body if line[:1] != [b"HEAD"] else b""))
+        except Exception as exc:  # a bug in a collector must not take the node down
+            logging.getLogger("clusterkit").exception("clusterkit: rendering metrics failed")
+            status, body, ctype = b"500 Internal Server Error", repr(exc).encode(), b"text/plain"
+    head = (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: "
+        + ctype
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    with trio.move_on_after(READ_TIMEOUT):
+        await stream.send_all(head + (body if line[:1] != [b"HEAD"] else b""))
 
 
 def render_for(ck: ClusterKit) -> Callable[[], bytes]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+
 import trio
 from cluster_helpers import node_config, start_node, wait_converged
 
@@ -51,8 +54,15 @@ async def test_metrics_describe_the_node(etcd: clusterkit.EmbeddedEtcd, prefix: 
             async with stream:
                 await stream.send_all(b"\x00\x01garbage\r\n\r\n")
                 assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 400")
+            # a client that resets mid-request (SO_LINGER 0) does not take the node down
+            sock = trio.socket.socket()
+            await sock.connect((host, int(port)))
+            await sock.send(b"GET /metr")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
             head, _ = await _http_get(a.metrics_address, "/metrics")
             assert head.startswith(b"HTTP/1.1 200 OK")
+            assert a.is_healthy()
         nursery.cancel_scope.cancel()
 
 

@@ -25,10 +25,11 @@ from typing import Any
 import trio
 import trio_websocket
 
-from .._errors import PeerAuthFailed, PeerUnreachable, RemoteError
+from .._errors import PeerAuthFailed, PeerError, PeerUnreachable, RemoteError
 from . import frames as f
 from .handshake import client_mac, new_nonce, server_mac, verify
 from .session import (
+    CLOSE_TIMEOUT,
     PING_INTERVAL,
     PING_TIMEOUT,
     Handler,
@@ -75,18 +76,25 @@ async def server_handshake(
             await ws.send_message(f.encode(f.Challenge(nonce)))
             answer: f.Answer = await _receive_frame(ws, max_frame, f.Answer)
             if not verify(client_mac(secret, nonce, answer.nonce, answer.node_id), answer.mac):
-                await ws.aclose(code=1008, reason="authentication failed")
+                await _close_bounded(ws, 1008, "authentication failed")
                 return None
             proof = server_mac(secret, answer.nonce, nonce, local_id)
             await ws.send_message(f.encode(f.Proof(local_id, proof)))
             return answer.node_id
     except trio.TooSlowError:
-        await ws.aclose(code=1008, reason="handshake timed out")
+        await _close_bounded(ws, 1008, "handshake timed out")
     except f.FrameError as exc:
-        await ws.aclose(code=exc.close_code, reason=str(exc)[:120])
+        await _close_bounded(ws, exc.close_code, str(exc)[:120])
     except trio_websocket.ConnectionClosed:
         pass
     return None
+
+
+async def _close_bounded(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    """Close with ``code``; a peer that never answers the close handshake does not hold the
+    connection (trio-websocket's ``aclose`` would wait for it forever)."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await ws.aclose(code=code, reason=reason)
 
 
 async def client_handshake(
@@ -236,7 +244,8 @@ class PeerPool:
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, PeerSession] = {}
         self._connecting: dict[str, trio.Event] = {}
-        self._failure: dict[str, tuple[float, str]] = {}  # addr -> (when, why)
+        # addr -> (when, error type, message) of the last failed connect
+        self._failure: dict[str, tuple[float, type[PeerError], str]] = {}
         self._closed = False
         self.connects = 0
 
@@ -295,7 +304,7 @@ class PeerPool:
                 return session
             failure = self._failure.get(addr)
             if failure is not None and trio.current_time() - failure[0] < self._backoff:
-                raise PeerUnreachable(failure[1])
+                raise failure[1](failure[2])  # the same type: PeerAuthFailed stays one
             pending = self._connecting.get(addr)
             if pending is None:
                 break
@@ -306,8 +315,8 @@ class PeerPool:
             self.connects += 1
             self._failure.pop(addr, None)
             return opened
-        except Exception as exc:
-            self._failure[addr] = (trio.current_time(), str(exc))
+        except PeerError as exc:
+            self._failure[addr] = (trio.current_time(), type(exc), str(exc))
             raise
         finally:
             del self._connecting[addr]

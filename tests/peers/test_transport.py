@@ -210,3 +210,41 @@ async def test_a_frozen_peer_fails_pending_calls_after_the_ping_timeout() -> Non
             assert proxy.connections == 2
             await pool.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_peers_that_never_answer_our_close_are_dropped_anyway(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Silent or garbage-sending clients that never reply to the server's Close must not hold
+    their connection (and a task) forever."""
+    async with server() as (addr, _):
+        host, _, port = addr.rpartition(":")
+        raw: list[trio.SocketStream] = []
+        for i in range(6):
+            stream = await trio.open_tcp_stream(host, int(port))
+            key = "dGhlIHNhbXBsZSBub25jZQ=="
+            await stream.send_all(
+                f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            if i % 2:  # one masked garbage frame, then silence
+                await stream.send_all(bytes([0x82, 0x80 | 3]) + b"\0\0\0\0" + b"abc")
+            raw.append(stream)
+        with trio.fail_after(60):
+            for stream in raw:  # the server closes the TCP connection: we read EOF
+                while await stream.receive_some(65536):
+                    pass
+        for stream in raw:
+            await stream.aclose()
+
+
+async def test_a_failed_authentication_stays_typed_for_callers_within_the_backoff() -> None:
+    async with server() as (addr, nursery):
+        pool = PeerPool(
+            nursery, "client", b"not-the-cluster-secret-at-all-32", reconnect_backoff=60
+        )
+        with trio.fail_after(10):
+            for _ in range(3):  # the dial, then two fail-fast calls
+                with pytest.raises(PeerAuthFailed):
+                    await pool.request(addr, "echo", 1)
+        assert pool.connects == 0
