@@ -15,10 +15,15 @@ from ._core.records import Node
 @dataclass(frozen=True, slots=True)
 class PartitionAssigned:
     """This node became a replica of ``partition``; pull its data from ``previous_owner``
-    (the current leader; None when no replica survived)."""
+    (the current leader; None when no replica survived).
+
+    ``resync`` is True when the node already held the partition but lost its session and
+    rejoined: the others may have taken writes meanwhile, so pull again (and merge).
+    """
 
     partition: int
     previous_owner: Node | None
+    resync: bool = False
 
 
 @dataclass(frozen=True, slots=True)

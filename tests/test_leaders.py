@@ -92,6 +92,8 @@ class HookLog:
                         pass
                     case "out", "assigned":
                         state = "in"
+                    case "in", "assigned" | "assigned-failed":
+                        pass  # a re-sync after the node lost its session and rejoined
                     case "in", "elected":
                         state = "lead"
                     case "lead", "lost":

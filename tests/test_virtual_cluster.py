@@ -75,6 +75,7 @@ class Invariants:
             for hook in seq:
                 nxt = {
                     ("out", "assigned"): "in",
+                    ("in", "assigned"): "in",  # a re-sync after a rejoin
                     ("in", "elected"): "lead",
                     ("lead", "lost"): "in",
                     ("in", "unassigned"): "out",

@@ -114,8 +114,11 @@ def _node(view: ClusterView, node_id: str | None) -> Node | None:
     return view.nodes.get(node_id) or view.departed.get(node_id) or Node(node_id, "", state="gone")
 
 
-def _previous_owner(view: ClusterView, pt: int, me: str, role: Role) -> str | None:
-    """Who holds the data: the leader, else (for a joining replica) a live committed one.
+def _previous_owner(
+    view: ClusterView, pt: int, me: str, role: Role, *, resync: bool = False
+) -> str | None:
+    """Who holds the data: the leader, else (for a joining replica, or a replica re-syncing
+    after a rejoin) a live committed one.
 
     A replica committed at once (cold start, or every old replica gone) has nobody to pull
     from unless a leader exists: None.
@@ -123,7 +126,7 @@ def _previous_owner(view: ClusterView, pt: int, me: str, role: Role) -> str | No
     owner = view.leaders.get(pt)
     if owner is not None and owner.node_id != me and owner.node_id in view.nodes:
         return owner.node_id
-    if view.map is None or role is not Role.JOINING:
+    if view.map is None or (role is not Role.JOINING and not resync):
         return None
     for n in view.map.replicas[pt]:
         if n != me and n in view.nodes:
@@ -148,6 +151,9 @@ class PartitionActor:
         self._track = Track()
         self._epoch: int | None = None
         self._ready_generation = -1
+        # The session generation under which on_partition_assigned last completed: the
+        # partition's data is known current only within that session (see _resync).
+        self._synced_generation: int | None = None
         self._no_leader_since: float | None = None
         self._abandoned: set[int] = set()  # epochs this actor stepped down from
         self._handovers = 0
@@ -204,6 +210,8 @@ class PartitionActor:
                     return None
             else:
                 await self._call(call, view)
+        if self._track.assigned and not await self._resync(view):
+            return None
         if role is Role.JOINING:
             return await self._mark_ready()
         if role is Role.REPLICA and view.map is not None:
@@ -212,7 +220,28 @@ class PartitionActor:
 
     # -- hooks ---------------------------------------------------------------------------
 
-    async def _assigned(self, call: HookCall, view: ClusterView) -> bool:
+    async def _resync(self, view: ClusterView) -> bool:
+        """After a rejoin, run on_partition_assigned again before leading or reporting ready.
+
+        While this node had no session, the cluster counted it dead: its lease expired, and
+        the other replicas may have elected a leader and taken writes it never saw — yet the
+        map may still list it (it rejoined within the rebalance delay). Its data is only
+        known current within the session the assigned hook last completed under, so a new
+        session means pulling again (from the leader, or a live replica) first. False if
+        the role went away before the hook succeeded.
+        """
+        generation = self._ctx.session_gen.value
+        if generation < 0 or self._synced_generation in (None, generation):
+            return True  # no session yet, or already current under this one
+        if self._epoch is not None:
+            await self._step_down(view, resign=False)  # won under the lost session's lease
+        self._ctx.count("resyncs")
+        if not await self._assigned(HookCall("assigned", self.pt, None), view, resync=True):
+            self._track = Track()
+            return False
+        return True
+
+    async def _assigned(self, call: HookCall, view: ClusterView, *, resync: bool = False) -> bool:
         """Run on_partition_assigned until it succeeds; False if the role went away first.
 
         Every retry asks the newest view who to pull from: the previous owner may have died.
@@ -220,8 +249,11 @@ class PartitionActor:
         backoff = RETRY_MIN
         while True:
             role = role_of(view.map, self.pt, self._me)
-            call = HookCall(call.hook, self.pt, _previous_owner(view, self.pt, self._me, role))
-            if await self._call(call, view):
+            generation = self._ctx.session_gen.value
+            owner = _previous_owner(view, self.pt, self._me, role, resync=resync)
+            call = HookCall(call.hook, self.pt, owner)
+            if await self._call(call, view, resync=resync):
+                self._synced_generation = generation
                 return True
             with trio.move_on_after(backoff):
                 await self._views.wait_for(lambda v: role_of(v.map, self.pt, self._me) is Role.NONE)
@@ -229,12 +261,12 @@ class PartitionActor:
             view = self._views.value
             backoff = min(backoff * 2, RETRY_MAX)
 
-    async def _call(self, call: HookCall, view: ClusterView) -> bool:
+    async def _call(self, call: HookCall, view: ClusterView, *, resync: bool = False) -> bool:
         pt = call.partition
         event: ClusterEvent
         match call.hook:
             case "assigned":
-                event = PartitionAssigned(pt, _node(view, call.node))
+                event = PartitionAssigned(pt, _node(view, call.node), resync=resync)
                 args: tuple[Any, ...] = (pt, event.previous_owner)
             case "unassigned":
                 event = PartitionUnassigned(pt, _node(view, call.node))
