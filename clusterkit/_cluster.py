@@ -487,6 +487,9 @@ async def _open_node(
                 membership = MembershipActor(etcd, config, layout, node, session, receive)
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
+                # A map older than this first view was written before this process joined:
+                # the roles it gives us belong to an earlier incarnation (see partitions.py).
+                partitions.context.start_revision = views.value.revision
                 await nursery.start(rebalancer.run)
                 await nursery.start(partitions.run)
                 ck = ClusterKit(

@@ -103,6 +103,11 @@ class PartitionContext:
     # The session's generation (-1: none). Unlike ``session``, it does not change on every
     # keepalive, so partition actors are not all woken once per heartbeat.
     session_gen: Latest[int] = field(default_factory=lambda: Latest(-1, "session generation"))
+    # The revision of this process's first view. A committed role in a map written before
+    # it was given to an earlier incarnation of this node id (a restart within the
+    # rebalance delay): its data may be gone or stale, so the assigned hook is told to pull
+    # from a live replica, as for a re-sync.
+    start_revision: int = 0
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -250,7 +255,8 @@ class PartitionActor:
         while True:
             role = role_of(view.map, self.pt, self._me)
             generation = self._ctx.session_gen.value
-            owner = _previous_owner(view, self.pt, self._me, role, resync=resync)
+            inherited = view.map is not None and view.map_revision <= self._ctx.start_revision
+            owner = _previous_owner(view, self.pt, self._me, role, resync=resync or inherited)
             call = HookCall(call.hook, self.pt, owner)
             if await self._call(call, view, resync=resync):
                 self._synced_generation = generation
@@ -480,6 +486,7 @@ class PartitionSupervisor:
 
     def __init__(self, ctx: PartitionContext, views: Latest[ClusterView]) -> None:
         self._ctx = ctx
+        self.context = ctx
         self._views = views
         self._cells: dict[int, Latest[ClusterView]] = {}
         self._last: ClusterView = EMPTY_VIEW

@@ -56,6 +56,10 @@ class StaleEpoch(clusterkit.ClusterKitError):
     """A write came from a leader older than one this replica knows."""
 
 
+class NotHeld(clusterkit.ClusterKitError):
+    """This node does not hold the partition (in full)."""
+
+
 class KVNode:
     """The data layer of one node."""
 
@@ -65,6 +69,8 @@ class KVNode:
         self._ck: clusterkit.ClusterKit | None = None
         self.attached = trio.Event()
         self.catchup: dict[int, dict[str, float]] = {}
+        self.complete: set[int] = set()  # partitions this node holds in full
+        self.resume: dict[int, tuple[str, bytes]] = {}  # pt -> (source, token) of a broken pull
         self.stats: Counter[str] = Counter()
 
     @property
@@ -87,30 +93,21 @@ class KVNode:
 
     async def on_partition_assigned(self, pt: int, previous: clusterkit.Node | None) -> None:
         await self.attached.wait()
-        source = self._pull_source(pt, previous)
-        if source is None:
-            return  # nobody else holds this partition: a new cluster, nothing to copy
-        await self._pull(pt, source)
-        leader = self.ck.get_leader(pt)
-        if leader is not None and leader.id not in (source, self.node_id):
-            await self._pull(pt, leader.id)  # we copied a follower: catch up with the leader
+        # clusterkit names the source: the leader, else a live committed replica (for a new
+        # replica, or a re-sync after a rejoin); None: nobody holds data, nothing to copy.
+        source = previous.id if previous is not None and previous.id != self.node_id else None
+        if source is not None:
+            await self._pull(pt, source)
+            leader = self.ck.get_leader(pt)
+            if leader is not None and leader.id not in (source, self.node_id):
+                await self._pull(pt, leader.id)  # we copied a follower: catch up with the leader
+        self.complete.add(pt)
 
     async def on_partition_unassigned(self, pt: int, new_owner: clusterkit.Node | None) -> None:
         self.store.drop(pt)
         self.catchup.pop(pt, None)
+        self.complete.discard(pt)
         self.stats["partitions_dropped"] += 1
-
-    def _pull_source(self, pt: int, previous: clusterkit.Node | None) -> str | None:
-        view = self.ck.view
-        live = view.nodes
-        leader = self.ck.get_leader(pt)
-        if leader is not None and leader.id != self.node_id and leader.id in live:
-            return leader.id
-        committed = view.map.replicas[pt] if view.map is not None else ()
-        if previous is not None and previous.id != self.node_id and previous.id in live:
-            return previous.id
-        others = [n for n in committed if n != self.node_id and n in live]
-        return others[0] if others else None
 
     async def _pull(self, pt: int, source: str) -> None:
         data = self.store.part(pt)
@@ -119,13 +116,25 @@ class KVNode:
             for e in entries:
                 data.apply(e.key, Entry(decode_value(e.value), e.epoch or 0, e.version or 0))
 
-        progress = await self.ck.migration.pull(pt, source, sink, timeout=30.0)
+        # A pull broken off (and retried by clusterkit) resumes where it stopped.
+        last_source, token = self.resume.pop(pt, ("", b""))
+        after = token if last_source == source else None
+        try:
+            progress = await self.ck.migration.pull(pt, source, sink, after=after)
+        except clusterkit.MigrationInterrupted as exc:
+            if exc.progress.resume_token:
+                self.resume[pt] = (source, exc.progress.resume_token)
+            raise
         self.stats["pulls"] += 1
         self.stats["keys_pulled"] += progress.keys
 
     async def source(
         self, req: clusterkit.SourceRequest
     ) -> Any:  # an async iterator of MigrationEntry
+        if req.partition not in self.complete:
+            # Never serve a partial copy (a partition we are still pulling, or dropped):
+            # the puller would think it has everything. It retries with another source.
+            raise NotHeld(f"{self.node_id} does not hold partition {req.partition} in full")
         # From now on every write we lead for this partition also goes to the puller.
         self.catchup.setdefault(req.partition, {})[req.requester] = trio.current_time()
         for key, entry in self.store.part(req.partition).snapshot(req.after):
@@ -154,8 +163,13 @@ class KVNode:
                 if data.max_epoch > epoch:
                     raise self._not_leader(pt)
                 entry = Entry(value, epoch, data.stamp(epoch))
-                data.apply(key.encode(), entry)
-                await self._replicate(pt, key, entry)
+                data.begin(key.encode(), entry)
+                committed = False
+                try:
+                    await self._replicate(pt, key, entry)
+                    committed = True
+                finally:
+                    data.finish(key.encode(), entry, committed=committed)
         except clusterkit.LeadershipLost:
             raise self._not_leader(pt) from None
         except clusterkit.NotLeader as exc:
@@ -214,6 +228,14 @@ class KVNode:
 
     async def replicate(self, m: dict[str, Any]) -> bool:
         pt, epoch = m["p"], m["e"]
+        view = self.ck.view
+        mine = view.map is not None and (
+            self.node_id in view.map.replicas[pt] or self.node_id in view.map.pending.get(pt, ())
+        )
+        if not mine and pt not in self.store.partitions:
+            # Not ours (any more): taking it would leave a stray copy behind. A leader whose
+            # view is ahead of ours retries once our view has caught up.
+            raise NotHeld(f"{self.node_id} is not a replica of partition {pt}")
         data = self.store.part(pt)
         known = self.ck.leader_epoch(pt) or 0
         if epoch < data.max_epoch or epoch < known:

@@ -36,9 +36,16 @@ class Entry:
 
 @dataclass
 class PartitionData:
-    """One partition's entries on this node."""
+    """One partition's entries on this node.
+
+    ``entries`` is what reads see. On the leader, a write sits in ``inflight`` until every
+    replica has it, and only then enters ``entries``: a read never returns a value that a
+    failed write left behind on the leader alone. Migration snapshots include in-flight
+    writes (a puller registered while they replicate would otherwise miss them).
+    """
 
     entries: dict[bytes, Entry] = field(default_factory=dict)
+    inflight: dict[bytes, Entry] = field(default_factory=dict)
     max_epoch: int = 0
     next_seq: int = 0
     seq_epoch: int = 0
@@ -59,9 +66,27 @@ class PartitionData:
         self.next_seq += 1
         return self.next_seq
 
+    def begin(self, key: bytes, entry: Entry) -> None:
+        """A write the leader is replicating (see the class docstring)."""
+        current = self.inflight.get(key)
+        if current is None or current.version < entry.version:
+            self.inflight[key] = entry
+        self.max_epoch = max(self.max_epoch, entry.epoch)
+
+    def finish(self, key: bytes, entry: Entry, *, committed: bool) -> None:
+        """The write is on every replica (``committed``), or it failed."""
+        if self.inflight.get(key) is entry:
+            del self.inflight[key]
+        if committed:
+            self.apply(key, entry)
+
     def snapshot(self, after: bytes | None) -> list[tuple[bytes, Entry]]:
-        """The entries with keys after ``after``, in key order (a copy: safe to iterate)."""
-        return sorted((k, e) for k, e in self.entries.items() if after is None or k > after)
+        """Entries (with in-flight writes) after ``after``, in key order (a copy)."""
+        merged = {k: e for k, e in self.entries.items() if after is None or k > after}
+        for k, e in self.inflight.items():
+            if (after is None or k > after) and (k not in merged or merged[k].version < e.version):
+                merged[k] = e
+        return sorted(merged.items())
 
     def live_keys(self) -> int:
         return sum(1 for e in self.entries.values() if e.value is not None)
