@@ -49,12 +49,13 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import mmh3
 import trio
 
-from ._actors.cell import Latest
+from ._actors.cell import Latest, wait_first
 from ._actors.watcher import WatcherActor
 from ._cluster import _contains, _flatten
 from ._config import ClientConfig
@@ -150,6 +151,7 @@ class RoutingClient:
                 "retries",
                 "redirects",
                 "unreachable",
+                "abandoned",
                 "timeouts",
                 "reads",
                 "stale_reads",
@@ -407,7 +409,7 @@ class RoutingClient:
                 trace.sending_to = target.id  # left set if the deadline cancels the call
                 try:
                     left = max(deadline - trio.current_time(), 0.0)
-                    return await pool.request(target.http_addr(), method, payload, timeout=left)
+                    return await self._attempt(pool, target, pt, method, payload, left)
                 except RemoteError as exc:
                     trace.sending_to = None
                     if exc.remote_type not in NOT_LEADER_TYPES:
@@ -445,6 +447,36 @@ class RoutingClient:
         budget = self._config.request_timeout if timeout is None else timeout
         pool = await self._peer_pool()
         return await pool.request(node.http_addr(), method, payload, timeout=budget)
+
+    async def _attempt(
+        self, pool: PeerPool, target: Node, pt: int, method: str, payload: Any, timeout: float
+    ) -> Any:
+        """One call to ``target``, abandoned (as unreachable) as soon as the view names
+        another live leader for ``pt``: a frozen leader must not cost the whole budget when
+        its successor is already known."""
+        addr = target.http_addr()
+        if not self._config.cache_enabled:
+            return await pool.request(addr, method, payload, timeout=timeout)
+        outcome: list[Any] = []
+
+        def moved(view: ClusterView) -> bool:
+            owner = view.leaders.get(pt)
+            return owner is not None and owner.node_id != target.id and owner.node_id in view.nodes
+
+        async def call() -> None:
+            try:
+                outcome.append((True, await pool.request(addr, method, payload, timeout=timeout)))
+            except (RemoteError, PeerUnreachable, PeerAuthFailed, ValueError) as exc:
+                outcome.append((False, exc))
+
+        await wait_first(call, partial(self._views.wait_for, moved))
+        if not outcome:
+            self._counters["abandoned"] += 1
+            raise PeerUnreachable(f"the leader of partition {pt} moved away from {target.id}")
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
 
     async def _peer_pool(self) -> PeerPool:
         """The connection pool, created once the cluster secret is known.

@@ -217,6 +217,49 @@ async def test_request_in_flight_fails_over_when_the_leader_stops(
     gc.collect()  # a leaked socket would fail this test, not a later one
 
 
+async def test_a_call_to_a_frozen_leader_is_abandoned_when_the_leader_moves(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    """The leader's handler hangs (its connection stays open) and the node is then cut off
+    from etcd: once the view names its successor, the client gives up on it and asks the
+    successor, well within the request budget."""
+    async with open_proxy(etcd.endpoints[0]) as proxy, trio.open_nursery() as nursery:
+        nodes = []
+        for i in range(3):
+            endpoints = [proxy.endpoint] if i == 0 else list(etcd.endpoints)
+            cfg = node_config(f"n{i}", endpoints, prefix, partitions=P, replica_factor=2)
+            nodes.append(await start_node(nursery, cfg))
+        await wait_converged(nodes)
+        frozen = trio.Event()
+        for n in nodes:
+
+            async def answer(payload: Any, ck: clusterkit.ClusterKit = n.ck) -> str:
+                if ck.node_id == "n0":
+                    frozen.set()
+                    await trio.sleep_forever()  # the call hangs on an open connection
+                if not ck.is_leader(ck.get_partition(payload)):
+                    raise clusterkit.NotLeader("not me")
+                return ck.node_id
+
+            n.ck.peers.add_handler("answer", answer)
+        async with clusterkit.open_client(client_config(etcd, prefix)) as client:
+            with trio.fail_after(10):
+                await client._views.wait_for(lambda v: len(v.leaders) == P)
+            key = key_led_by(client, lambda nid: nid == "n0")
+
+            async def cut_off_when_frozen() -> None:
+                await frozen.wait()
+                proxy.freeze()  # n0 loses etcd: its lease expires and a successor is elected
+
+            nursery.start_soon(cut_off_when_frozen)
+            with trio.fail_after(20):
+                successor = await client.request(key, "answer", key, timeout=30)
+            assert successor != "n0"
+            assert counters(client)["abandoned"] == 1
+        proxy.thaw()
+        nursery.cancel_scope.cancel()
+
+
 async def test_other_remote_errors_are_raised_at_once(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
