@@ -451,17 +451,24 @@ class RoutingClient:
     async def _attempt(
         self, pool: PeerPool, target: Node, pt: int, method: str, payload: Any, timeout: float
     ) -> Any:
-        """One call to ``target``, abandoned (as unreachable) as soon as the view names
-        another live leader for ``pt``: a frozen leader must not cost the whole budget when
-        its successor is already known."""
+        """One call to ``target``, abandoned (as unreachable) as soon as the view names a new
+        leader term for ``pt`` held by another live node: a frozen leader must not cost the
+        whole budget when its successor is already known."""
         addr = target.http_addr()
         if not self._config.cache_enabled:
             return await pool.request(addr, method, payload, timeout=timeout)
         outcome: list[Any] = []
 
-        def moved(view: ClusterView) -> bool:
+        before = self._views.value.leaders.get(pt)
+
+        def moved(view: ClusterView) -> bool:  # a new leader term, held by another live node
             owner = view.leaders.get(pt)
-            return owner is not None and owner.node_id != target.id and owner.node_id in view.nodes
+            return (
+                owner is not None
+                and owner != before
+                and owner.node_id != target.id
+                and owner.node_id in view.nodes
+            )
 
         async def call() -> None:
             try:
