@@ -497,7 +497,13 @@ class RoutingClient:
                 secret = await shared_secret(self._etcd, self._layout, create=False)
             if self._pool is None:
                 self._secret = secret
-                self._pool = PeerPool(self._nursery, self.client_id, secret, ssl_context=self._tls)
+                self._pool = PeerPool(
+                    self._nursery,
+                    self.client_id,
+                    secret,
+                    ssl_context=self._tls,
+                    max_frame=self._config.peer_max_message,
+                )
         return self._pool
 
     # -- lifecycle -----------------------------------------------------------------------

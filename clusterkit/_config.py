@@ -53,6 +53,11 @@ def _check_secret(value: object) -> None:
         raise ConfigError("cluster_secret", "must be None or a str/bytes of at least 16")
 
 
+def _check_max_message(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 4096 <= value <= 1 << 30:
+        raise ConfigError("peer_max_message", "must be an integer from 4096 to 2**30")
+
+
 def _check_peer_tls(cert: object, key: object, ca: object) -> None:
     for name, value in (("peer_tls_cert", cert), ("peer_tls_key", key), ("peer_tls_ca", ca)):
         if value is not None and (not isinstance(value, str) or not value):
@@ -219,12 +224,7 @@ class Config:
             raise ConfigError("bind_addr", "must be a non-empty address or None")
         _positive("peer_timeout", self.peer_timeout)
         _check_peer_tls(self.peer_tls_cert, self.peer_tls_key, self.peer_tls_ca)
-        if (
-            not isinstance(self.peer_max_message, int)
-            or isinstance(self.peer_max_message, bool)
-            or not 4096 <= self.peer_max_message <= 1 << 30
-        ):
-            raise ConfigError("peer_max_message", "must be an integer from 4096 to 2**30")
+        _check_max_message(self.peer_max_message)
 
     @property
     def log(self) -> logging.Logger:
@@ -269,6 +269,8 @@ class ClientConfig:
         cluster_secret: the peers' shared secret; None reads it from ``P/secret``.
         client_id: the id this client presents to nodes. Default ``client-<random>``.
         peer_tls_ca: PEM file: call nodes over TLS and verify their certificates.
+        peer_max_message: largest answer accepted, in bytes; use the nodes' value. Default
+            16 MiB.
         etcd_ca_cert, etcd_cert, etcd_key, etcd_username, etcd_password: etcd TLS/auth.
         logger: the logger to use. Default ``logging.getLogger("clusterkit.client")``.
     """
@@ -282,6 +284,7 @@ class ClientConfig:
     cluster_secret: str | bytes | None = field(default=None, repr=False)
     client_id: str | None = None
     peer_tls_ca: str | None = None
+    peer_max_message: int = 16 * 1024 * 1024
     etcd_ca_cert: str | bytes | None = field(default=None, repr=False)
     etcd_cert: str | bytes | None = field(default=None, repr=False)
     etcd_key: str | bytes | None = field(default=None, repr=False)
@@ -311,6 +314,7 @@ class ClientConfig:
         ):
             raise ConfigError("client_id", "must be 1-128 characters, or None")
         _check_peer_tls(None, None, self.peer_tls_ca)
+        _check_max_message(self.peer_max_message)
         self.etcd_config()
 
     @property
