@@ -29,7 +29,7 @@ import msgpack
 import trio
 
 import clusterkit
-from clusterkit._migration.service import MigrationEntry, SourceRequest
+from clusterkit._migration.wire import MigrationEntry, SourceRequest
 from clusterkit._peers.session import PeerStream
 
 Run = Callable[[list[MigrationEntry]], Awaitable[None]]

@@ -54,7 +54,8 @@ from ._events import (
     ReplicaAdded,
     ReplicaRemoved,
 )
-from ._migration.service import Migration, MigrationEntry, MigrationProgress, SourceRequest
+from ._migration.service import Migration
+from ._migration.wire import MigrationEntry, MigrationProgress, SourceRequest
 from ._peers.service import Peers
 from ._peers.session import PeerStream
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._migration.service import MigrationProgress
+    from ._migration.wire import MigrationProgress
 
 
 class ClusterKitError(Exception):

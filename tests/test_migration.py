@@ -29,7 +29,7 @@ from clusterkit._errors import (
     NoMigrationSource,
 )
 from clusterkit._migration.pb import migration_pb2 as pb
-from clusterkit._migration.service import (
+from clusterkit._migration.wire import (
     BURST_SECONDS,
     Batcher,
     MigrationEntry,
