@@ -53,6 +53,38 @@ def _check_secret(value: object) -> None:
         raise ConfigError("cluster_secret", "must be None or a str/bytes of at least 16")
 
 
+def _check_etcd_location(config: Config | ClientConfig) -> None:
+    """``etcd_endpoints`` (made a tuple) and ``etcd_prefix``, shared by both configs."""
+    if isinstance(config.etcd_endpoints, str):
+        raise ConfigError("etcd_endpoints", "must be a list of host:port strings, not a str")
+    object.__setattr__(config, "etcd_endpoints", tuple(config.etcd_endpoints))
+    prefix = config.etcd_prefix
+    if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.rstrip("/") == "":
+        raise ConfigError("etcd_prefix", "must start with '/' and name a non-root prefix")
+
+
+def _etcd_config(
+    config: Config | ClientConfig,
+    endpoints: Sequence[str],
+    dial_timeout: float,
+    request_timeout: float,
+) -> EtcdConfig:
+    """The etcd client settings (TLS and auth fields are named alike in both configs)."""
+    try:
+        return EtcdConfig(
+            endpoints=tuple(endpoints),
+            dial_timeout=dial_timeout,
+            request_timeout=request_timeout,
+            ca_cert=config.etcd_ca_cert,
+            cert=config.etcd_cert,
+            key=config.etcd_key,
+            username=config.etcd_username,
+            password=config.etcd_password,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"etcd_{exc.field}", exc.rule) from None
+
+
 def _check_max_message(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 4096 <= value <= 1 << 30:
         raise ConfigError("peer_max_message", "must be an integer from 4096 to 2**30")
@@ -162,15 +194,7 @@ class Config:
                 raise ConfigError(name, "must be an integer >= 1")
         if self.partitions > 1 << 20:
             raise ConfigError("partitions", "must be <= 1048576")
-        if isinstance(self.etcd_endpoints, str):
-            raise ConfigError("etcd_endpoints", "must be a list of host:port strings, not a str")
-        object.__setattr__(self, "etcd_endpoints", tuple(self.etcd_endpoints))
-        if (
-            not isinstance(self.etcd_prefix, str)
-            or not self.etcd_prefix.startswith("/")
-            or self.etcd_prefix.rstrip("/") == ""
-        ):
-            raise ConfigError("etcd_prefix", "must start with '/' and name a non-root prefix")
+        _check_etcd_location(self)
         _positive("session_ttl", self.session_ttl)
         if self.session_ttl < 1:
             raise ConfigError("session_ttl", "must be >= 1 second (etcd leases are whole seconds)")
@@ -233,19 +257,8 @@ class Config:
 
     def etcd_config(self, endpoints: Sequence[str] | None = None) -> EtcdConfig:
         """The etcd client settings of this config (``endpoints`` overrides the list)."""
-        try:
-            return EtcdConfig(
-                endpoints=tuple(endpoints if endpoints is not None else self.etcd_endpoints),
-                dial_timeout=self.etcd_dial_timeout,
-                request_timeout=self.etcd_request_timeout,
-                ca_cert=self.etcd_ca_cert,
-                cert=self.etcd_cert,
-                key=self.etcd_key,
-                username=self.etcd_username,
-                password=self.etcd_password,
-            )
-        except ConfigError as exc:
-            raise ConfigError(f"etcd_{exc.field}", exc.rule) from None
+        chosen = endpoints if endpoints is not None else self.etcd_endpoints
+        return _etcd_config(self, chosen, self.etcd_dial_timeout, self.etcd_request_timeout)
 
     def hooks(self) -> dict[str, Hook]:
         """The hooks that are set, by name."""
@@ -293,17 +306,9 @@ class ClientConfig:
     logger: logging.Logger | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.etcd_endpoints, str):
-            raise ConfigError("etcd_endpoints", "must be a list of host:port strings, not a str")
-        object.__setattr__(self, "etcd_endpoints", tuple(self.etcd_endpoints))
+        _check_etcd_location(self)
         if not self.etcd_endpoints:
             raise ConfigError("etcd_endpoints", "a client needs at least one etcd endpoint")
-        if (
-            not isinstance(self.etcd_prefix, str)
-            or not self.etcd_prefix.startswith("/")
-            or self.etcd_prefix.rstrip("/") == ""
-        ):
-            raise ConfigError("etcd_prefix", "must start with '/' and name a non-root prefix")
         if not isinstance(self.cache_enabled, bool):
             raise ConfigError("cache_enabled", "must be True or False")
         for name in ("cache_ttl", "dial_timeout", "request_timeout"):
@@ -324,16 +329,4 @@ class ClientConfig:
 
     def etcd_config(self) -> EtcdConfig:
         """The etcd client settings of this config."""
-        try:
-            return EtcdConfig(
-                endpoints=tuple(self.etcd_endpoints),
-                dial_timeout=self.dial_timeout,
-                request_timeout=self.request_timeout,
-                ca_cert=self.etcd_ca_cert,
-                cert=self.etcd_cert,
-                key=self.etcd_key,
-                username=self.etcd_username,
-                password=self.etcd_password,
-            )
-        except ConfigError as exc:
-            raise ConfigError(f"etcd_{exc.field}", exc.rule) from None
+        return _etcd_config(self, self.etcd_endpoints, self.dial_timeout, self.request_timeout)
