@@ -152,3 +152,50 @@ async def test_randomized_faults_keep_every_invariant(
         assert led == P  # every partition had a leader at some point
         elections += epochs
     assert elections >= RUNS * P
+
+
+async def test_a_node_that_rejoins_resyncs_every_partition_before_leading_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Cut off beyond its TTL and back within the rebalance delay, the map never changes; the
+    node still hears on_partition_assigned again (a re-sync) for every partition it holds,
+    each before it leads that partition again."""
+    log: list[tuple[str, int, bool]] = []
+
+    def assigned(pt: int, previous: Any) -> None:
+        log.append(("assigned", pt, previous is not None))
+
+    def elected(pt: int) -> None:
+        log.append(("elected", pt, False))
+
+    async with open_test_cluster(
+        partitions=P, replica_factor=3, session_ttl=2.0, rebalance_delay=30.0
+    ) as cluster:
+        a = await cluster.start("a", on_partition_assigned=assigned, on_leader_elected=elected)
+        await cluster.start("b")
+        await cluster.start("c")
+        await cluster.wait_converged()
+        with trio.fail_after(60):
+            await a.ck._views.wait_for(lambda v: len(v.leaders) == P)
+        version = a.ck.view.map.version if a.ck.view.map else None
+        led_before = {pt for pt in range(P) if a.ck.is_leader(pt)}
+        assert led_before  # a is the preferred replica of some partitions
+        log.clear()
+
+        a.cut()
+        await trio.sleep(5.0)  # virtual: beyond the 2 s TTL; the others take a's partitions
+        assert not any(a.ck.is_leader(pt) for pt in range(P))
+        a.restore()
+        with trio.fail_after(60):
+            await a.ck._views.wait_for(
+                lambda v: "a" in v.nodes and all(v.leaders.get(pt) for pt in led_before)
+            )
+            while not all(a.ck.is_leader(pt) for pt in led_before):  # preferred hand-back
+                await trio.sleep(0.1)
+        assert a.ck.view.map is not None and a.ck.view.map.version == version  # no map change
+        resynced = {pt for kind, pt, _ in log if kind == "assigned"}
+        assert resynced == set(range(P))  # R = N = 3: a holds every partition
+        assert all(had_source for kind, _, had_source in log if kind == "assigned")
+        for pt in led_before:  # re-synced before it led again
+            kinds = [kind for kind, p, _ in log if p == pt]
+            assert kinds.index("assigned") < kinds.index("elected"), kinds
