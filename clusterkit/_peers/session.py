@@ -54,6 +54,7 @@ StreamHandler = Callable[["PeerStream", Any], Awaitable[None]]
 STREAM_WINDOW = 64  # items a stream sender may have in flight before it waits for credit
 HIGH_WATER = 4 * 1024 * 1024  # bytes queued for writing before senders wait
 MAX_CONCURRENT = 256  # handlers running at once per connection
+MAX_WAITING = 8192  # requests queued behind the running handlers before more are refused
 BATCH_BYTES = 256 * 1024  # a batch message stops growing here; bigger frames go alone
 CLOSE_TIMEOUT = 2.0  # seconds the websocket close handshake may take before the socket is shut
 PING_INTERVAL = 5.0  # seconds between websocket pings on a connection
@@ -240,6 +241,8 @@ class PeerSession:
         self.ping_timeout = ping_timeout
         self.pings_missed = 0
         self.requests_served = 0
+        self.requests_refused = 0
+        self._in_flight = 0  # requests dispatched and not answered yet
         self.messages_sent = 0
         self.frames_sent = 0
 
@@ -406,7 +409,17 @@ class PeerSession:
     def _dispatch(self, nursery: trio.Nursery, frame: f.Frame) -> bool:
         match frame:
             case f.Request() | f.Notify():
-                nursery.start_soon(self._serve, frame)
+                if self._in_flight >= self._limiter.total_tokens + MAX_WAITING:
+                    # Handlers are bounded by the limiter; the requests queued behind it are
+                    # bounded here, so a flood cannot grow tasks without limit.
+                    self.requests_refused += 1
+                    if isinstance(frame, f.Request):
+                        self.send_control(
+                            f.ErrorReply(frame.id, "Overloaded", f"{MAX_WAITING} requests queued")
+                        )
+                else:
+                    self._in_flight += 1
+                    nursery.start_soon(self._serve, frame)
             case f.Response(id=i, payload=p):
                 self._resolve(i, p)
             case f.ErrorReply(id=i, error_type=t, message=m, data=d):
@@ -447,23 +460,29 @@ class PeerSession:
     async def _serve(self, frame: f.Request | f.Notify) -> None:
         handler = self._handlers.get(frame.method)
         request_id = frame.id if isinstance(frame, f.Request) else 0
-        answer: f.Frame
-        async with self._limiter:
-            if handler is None:
-                answer = f.ErrorReply(request_id, "UnknownMethod", frame.method)
-            else:
+        try:
+            async with self._limiter:
+                answer = await self._answer(handler, frame, request_id)
+                self.requests_served += 1
+            if isinstance(frame, f.Request):
                 try:
-                    answer = f.Response(request_id, await handler(frame.payload))
-                except Exception as exc:
-                    answer = error_frame(request_id, exc)
-            self.requests_served += 1
-        if isinstance(frame, f.Request):
-            try:
-                await self.send_frame(answer)
-            except PeerUnreachable:
-                pass
-            except ValueError as exc:  # the answer is too big (or not msgpack-able)
-                await self._send_quietly(error_frame(request_id, exc))
+                    await self.send_frame(answer)
+                except PeerUnreachable:
+                    pass
+                except ValueError as exc:  # the answer is too big (or not msgpack-able)
+                    await self._send_quietly(error_frame(request_id, exc))
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(
+        self, handler: Handler | None, frame: f.Request | f.Notify, request_id: int
+    ) -> f.Frame:
+        if handler is None:
+            return f.ErrorReply(request_id, "UnknownMethod", frame.method)
+        try:
+            return f.Response(request_id, await handler(frame.payload))
+        except Exception as exc:
+            return error_frame(request_id, exc)
 
     async def _serve_stream(self, stream: PeerStream, payload: Any) -> None:
         handler = self._stream_handlers.get(stream.method)

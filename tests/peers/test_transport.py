@@ -248,3 +248,47 @@ async def test_a_failed_authentication_stays_typed_for_callers_within_the_backof
                 with pytest.raises(PeerAuthFailed):
                     await pool.request(addr, "echo", 1)
         assert pool.connects == 0
+
+
+async def test_a_request_flood_is_refused_beyond_the_queue_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clusterkit._peers import session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_WAITING", 8)
+    release = trio.Event()
+    started = 0
+
+    async def block(payload: Any) -> Any:
+        nonlocal started
+        started += 1
+        await release.wait()
+        return payload
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            partial(serve_peers, "server", SECRET, {"block": block}, "127.0.0.1", 0)
+        )
+        pool = PeerPool(nursery, "client", SECRET)
+        answers: list[Any] = []
+        refused: list[RemoteError] = []
+
+        async def call(i: int) -> None:
+            try:
+                answers.append(await pool.request(f"127.0.0.1:{port}", "block", i, timeout=30))
+            except RemoteError as exc:
+                refused.append(exc)
+
+        total = session_module.MAX_CONCURRENT + 8 + 20
+        with trio.fail_after(30):
+            async with trio.open_nursery() as callers:
+                for i in range(total):
+                    callers.start_soon(call, i)
+                while len(refused) < 20:  # the 20 beyond running + queued are refused at once
+                    await trio.sleep(0.01)
+                assert started == session_module.MAX_CONCURRENT
+                release.set()
+        assert len(answers) == total - 20
+        assert {e.remote_type for e in refused} == {"Overloaded"}
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
