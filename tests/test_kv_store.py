@@ -2,8 +2,8 @@
 
 Runs ``examples/kv_store/demo.py`` with smaller numbers: three node processes on an embedded
 etcd, writes through the routing client, SIGKILL of the busiest leader mid-write, a fourth
-node joining and another node draining while keys are overwritten and deleted, then every
-key read back from the leaders.
+node joining, another node draining and the new one frozen (SIGSTOP) beyond its TTL while keys
+are overwritten and deleted, then every key read back from the leaders.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ async def test_no_acknowledged_write_is_lost_through_kill_join_and_drain() -> No
     print("\n".join(report.lines()))
     assert report.lost == 0, report.lost_examples
     assert report.killed and report.drained == sorted({"n1", "n2", "n3"} - {report.killed})[0]
+    assert report.paused == "n4"
     assert report.verified == report.keys  # every key had an acknowledged write
     assert report.writes_acknowledged + report.writes_unacknowledged == report.writes_attempted
     assert report.writes_acknowledged >= report.keys

@@ -1,5 +1,5 @@
 """The KV store demo: 3 node processes, 10,000 keys, a SIGKILLed leader, a new node, a
-drained node, and a check that no acknowledged write was lost.
+drained node, a frozen node, and a check that no acknowledged write was lost.
 
 Run from the repository root: ``python -m examples.kv_store.demo`` (``--help`` for sizes).
 It starts an embedded etcd, starts the nodes as separate processes
@@ -8,7 +8,9 @@ It starts an embedded etcd, starts the nodes as separate processes
 1. write every key once, and SIGKILL the node leading the most partitions a third of the
    way through (the writes go on: they retry until a new leader takes them);
 2. start a fourth node and, while it pulls its partitions, overwrite half of the keys and
-   delete some; then drain another node (SIGTERM: it hands its partitions off and leaves);
+   delete some; then drain another node (SIGTERM: it hands its partitions off and leaves),
+   then freeze the new node (SIGSTOP) for three session TTLs and let it wake (it has missed
+   writes, rejoins and re-syncs), all under rounds of overwrites and deletes;
 3. read every key back from the leaders and compare it with the last acknowledged write.
 
 A write whose acknowledgement never came may or may not have been applied; the check
@@ -53,6 +55,7 @@ class Report:
     killed_led: int = 0
     failover_seconds: float = 0.0
     drained: str = ""
+    paused: str = ""
     added: str = ""
     overwrite_rounds: int = 0
     max_write_seconds: float = 0.0
@@ -72,7 +75,7 @@ class Report:
             f"killed (SIGKILL)         {self.killed} (led {self.killed_led} partitions)",
             f"failover                 {self.failover_seconds:.2f} s until every partition "
             "had a live leader again",
-            f"added / drained          {self.added} / {self.drained} (under "
+            f"added / drained / paused {self.added} / {self.drained} / {self.paused} (under "
             f"{self.overwrite_rounds} rounds of overwrites and deletes)",
             f"slowest write            {self.max_write_seconds:.2f} s (retries {self.retries})",
             "phases                   "
@@ -239,7 +242,9 @@ async def run(
             nodes = {n: NodeProcess(n, common) for n in ("n1", "n2", "n3", "n4")}
             async with trio.open_nursery() as nursery:
                 try:
-                    await _scenario(nursery, nodes, etcd.endpoints, report, say, keys, concurrency)
+                    await _scenario(
+                        nursery, nodes, etcd.endpoints, report, say, keys, concurrency, session_ttl
+                    )
                 finally:
                     with trio.CancelScope(shield=True):
                         for node in nodes.values():
@@ -256,6 +261,7 @@ async def _scenario(
     say: Any,
     keys: int,
     concurrency: int,
+    session_ttl: float,
 ) -> None:
     t0 = trio.current_time()
     for name in ("n1", "n2", "n3"):
@@ -326,6 +332,15 @@ async def _scenario(
             rest = {*survivors, "n4"} - {drained}
             await wait_until("drained", lambda: healthy(client, rest), 120)
             say(f"{drained} drained and left ({trio.current_time() - t2:.1f} s)")
+            # Freeze a node (SIGSTOP) for three session TTLs: the others take over its
+            # leaderships and count it dead; when it wakes it has missed writes, rejoins and
+            # must re-sync before it serves again.
+            frozen = report.paused = "n4"
+            nodes[frozen].signal(signal.SIGSTOP)
+            await trio.sleep(3 * session_ttl)
+            nodes[frozen].signal(signal.SIGCONT)
+            await wait_until("woke", lambda: healthy(client, rest), 120)
+            say(f"{frozen} paused {3 * session_ttl:.0f} s, woke and re-synced")
             churned.set()
 
         async def overwrite() -> None:
