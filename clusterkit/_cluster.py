@@ -40,11 +40,12 @@ from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import open_embedded_etcd
 from ._metrics import render_for, serve_metrics
 from ._migration.service import Migration
+from ._peers.memory import MemoryNetwork
 from ._peers.secret import configured_secret, shared_secret
 from ._peers.service import Peers
 from ._peers.session import Handler, StreamHandler
 from ._peers.tls import client_context, server_context
-from ._peers.transport import PeerPool, serve_peers
+from ._peers.transport import PeerPool, serve_memory_peers, serve_peers
 
 LEAVE_TIMEOUT = 5.0
 
@@ -346,12 +347,12 @@ async def _etcd_endpoints(config: Config) -> AsyncIterator[tuple[str, ...]]:
         yield etcd.endpoints
 
 
-def _node_record(config: Config, http: int) -> Node:
+def _node_record(config: Config, http: str) -> Node:
     host = config.advertise_addr
     return Node(
         id=config.node_id,
         addr=host,
-        endpoints={"http": f"{host}:{http}", "grpc": f"{host}:{config.grpc_port}"},
+        endpoints={"http": http, "grpc": f"{host}:{config.grpc_port}"},
         metadata=dict(config.metadata),
         started=time.time(),
     )
@@ -395,6 +396,7 @@ async def _start_peers(
     etcd: EtcdClient,
     layout: KeyLayout,
     views: Latest[ClusterView],
+    network: MemoryNetwork | None = None,
 ) -> Peers:
     """Serve this node's peer endpoint (bound before the node registers its address) and
     set up the outgoing connection pool."""
@@ -409,19 +411,33 @@ async def _start_peers(
         server_tls = server_context(config.peer_tls_cert, config.peer_tls_key)
     if config.peer_tls_ca is not None:
         client_tls = client_context(config.peer_tls_ca, config.peer_tls_cert, config.peer_tls_key)
-    port: int = await nursery.start(
-        partial(
-            serve_peers,
-            config.node_id,
-            secret,
-            handlers,
-            config.bind_addr or config.advertise_addr,
-            config.http_port,
-            stream_handlers=stream_handlers,
-            max_frame=config.peer_max_message,
-            ssl_context=server_tls,
+    if network is not None:  # clusterkit.testing: an in-process network, no sockets
+        address: str = await nursery.start(
+            partial(
+                serve_memory_peers,
+                network,
+                config.node_id,
+                secret,
+                handlers,
+                stream_handlers=stream_handlers,
+                max_frame=config.peer_max_message,
+            )
         )
-    )
+    else:
+        port: int = await nursery.start(
+            partial(
+                serve_peers,
+                config.node_id,
+                secret,
+                handlers,
+                config.bind_addr or config.advertise_addr,
+                config.http_port,
+                stream_handlers=stream_handlers,
+                max_frame=config.peer_max_message,
+                ssl_context=server_tls,
+            )
+        )
+        address = f"{config.advertise_addr}:{port}"
     pool = PeerPool(
         nursery,
         config.node_id,
@@ -430,6 +446,7 @@ async def _start_peers(
         stream_handlers,
         max_frame=config.peer_max_message,
         ssl_context=client_tls,
+        network=network,
     )
     peers = Peers(
         pool,
@@ -438,15 +455,19 @@ async def _start_peers(
         handlers=handlers,
         stream_handlers=stream_handlers,
     )
-    peers.address = f"{config.advertise_addr}:{port}"
+    peers.address = address
     return peers
 
 
 @asynccontextmanager
 async def _open_node(
-    config: Config, etcd_cm: AbstractAsyncContextManager[EtcdClient]
+    config: Config,
+    etcd_cm: AbstractAsyncContextManager[EtcdClient],
+    *,
+    network: MemoryNetwork | None = None,
 ) -> AsyncIterator[ClusterKit]:
-    """``open_cluster`` on a given etcd client (``clusterkit.testing`` passes an in-memory one)."""
+    """``open_cluster`` on a given etcd client (``clusterkit.testing`` passes an in-memory one,
+    and an in-process network for the peers)."""
     user_error: BaseException | None = None
     try:
         async with etcd_cm as etcd:
@@ -475,7 +496,7 @@ async def _open_node(
                 views,
             )
             async with trio.open_nursery() as nursery:
-                peers = await _start_peers(nursery, config, etcd, layout, views)
+                peers = await _start_peers(nursery, config, etcd, layout, views, network)
                 migration = Migration(
                     peers,
                     node_id=config.node_id,
@@ -483,7 +504,7 @@ async def _open_node(
                     max_frame=config.peer_max_message,
                     log=config.log,
                 )
-                node = _node_record(config, int(peers.address.rpartition(":")[2]))
+                node = _node_record(config, peers.address)
                 membership = MembershipActor(etcd, config, layout, node, session, receive)
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
@@ -510,7 +531,7 @@ async def _open_node(
                 ck._supervisor = partitions
                 if config.metrics_port is not None:
                     host = config.bind_addr or config.advertise_addr
-                    port = await nursery.start(
+                    port: int = await nursery.start(
                         serve_metrics, render_for(ck), host, config.metrics_port
                     )
                     ck.metrics_address = f"{config.advertise_addr}:{port}"

@@ -36,6 +36,9 @@ all its actors) on one in-memory etcd, with knobs to cut a node off, kill it, or
             b = await cluster.start("b")
             await cluster.wait_converged()
             await cluster.kill("a")  # b takes over once a's lease expires
+
+The nodes' peers (``ck.peers``, ``ck.migration``) talk over an in-process network
+(``cluster.network``), so hooks that pull data run in virtual time too.
 """
 
 from ._testing.memory_etcd import MemoryEtcd, MemoryEtcdClient, open_memory_etcd

@@ -37,13 +37,26 @@ import contextlib
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 import trio_websocket
 
 from .._errors import NotLeader, PeerUnreachable, RemoteError
 from . import frames as f
+
+
+class WebSocket(Protocol):
+    """What a session needs of a websocket (trio-websocket's, or ``memory.py``'s)."""
+
+    async def send_message(self, message: bytes | str) -> None: ...
+
+    async def get_message(self) -> bytes | str: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+    async def ping(self, payload: bytes | None = None) -> None: ...
+
 
 Handler = Callable[[Any], Awaitable[Any]]
 """A request or one-way handler: ``async def handler(payload) -> answer``."""
@@ -210,7 +223,7 @@ class PeerSession:
 
     def __init__(
         self,
-        ws: trio_websocket.WebSocketConnection,
+        ws: WebSocket,
         remote_id: str,
         handlers: Mapping[str, Handler],
         stream_handlers: Mapping[str, StreamHandler] | None = None,

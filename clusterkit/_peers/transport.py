@@ -28,6 +28,7 @@ import trio_websocket
 from .._errors import PeerAuthFailed, PeerError, PeerUnreachable, RemoteError
 from . import frames as f
 from .handshake import client_mac, new_nonce, server_mac, verify
+from .memory import MemoryNetwork, MemoryWebSocket
 from .session import (
     CLOSE_TIMEOUT,
     PING_INTERVAL,
@@ -36,6 +37,7 @@ from .session import (
     PeerSession,
     PeerStream,
     StreamHandler,
+    WebSocket,
 )
 
 __all__ = [
@@ -55,9 +57,7 @@ HANDSHAKE_TIMEOUT = 5.0
 RECONNECT_BACKOFF = 0.2
 
 
-async def _receive_frame(
-    ws: trio_websocket.WebSocketConnection, max_frame: int, expected: type[f.Frame]
-) -> Any:
+async def _receive_frame(ws: WebSocket, max_frame: int, expected: type[f.Frame]) -> Any:
     message = await ws.get_message()
     data = message.encode() if isinstance(message, str) else message
     frame = f.decode(data, max_size=max_frame)
@@ -67,7 +67,7 @@ async def _receive_frame(
 
 
 async def server_handshake(
-    ws: trio_websocket.WebSocketConnection, local_id: str, secret: bytes, max_frame: int
+    ws: WebSocket, local_id: str, secret: bytes, max_frame: int
 ) -> str | None:
     """Authenticate a connecting peer; returns its node id, or None (connection closed)."""
     nonce = new_nonce()
@@ -90,16 +90,14 @@ async def server_handshake(
     return None
 
 
-async def _close_bounded(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+async def _close_bounded(ws: WebSocket, code: int, reason: str) -> None:
     """Close with ``code``; a peer that never answers the close handshake does not hold the
     connection (trio-websocket's ``aclose`` would wait for it forever)."""
     with trio.move_on_after(CLOSE_TIMEOUT):
         await ws.aclose(code=code, reason=reason)
 
 
-async def client_handshake(
-    ws: trio_websocket.WebSocketConnection, local_id: str, secret: bytes, max_frame: int
-) -> str:
+async def client_handshake(ws: WebSocket, local_id: str, secret: bytes, max_frame: int) -> str:
     """Authenticate to a server; returns its node id.
 
     Raises:
@@ -127,6 +125,48 @@ async def client_handshake(
     return proof.node_id
 
 
+async def serve_connection(
+    ws: WebSocket,
+    local_id: str,
+    secret: bytes,
+    handlers: Mapping[str, Handler],
+    stream_handlers: Mapping[str, StreamHandler] | None,
+    *,
+    max_frame: int,
+    sessions: set[PeerSession] | None = None,
+) -> None:
+    """Authenticate one accepted connection and serve it until it ends."""
+    remote = await server_handshake(ws, local_id, secret, max_frame)
+    if remote is None:
+        return
+    session = PeerSession(ws, remote, handlers, stream_handlers, max_frame=max_frame, dialed=False)
+    if sessions is not None:
+        sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        if sessions is not None:
+            sessions.discard(session)
+
+
+async def serve_memory_peers(
+    network: MemoryNetwork,
+    local_id: str,
+    secret: bytes,
+    handlers: Mapping[str, Handler],
+    *,
+    stream_handlers: Mapping[str, StreamHandler] | None = None,
+    max_frame: int = f.MAX_FRAME,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Like :func:`serve_peers`, on an in-process network; ``started`` reports the address."""
+
+    async def on_connect(ws: MemoryWebSocket) -> None:
+        await serve_connection(ws, local_id, secret, handlers, stream_handlers, max_frame=max_frame)
+
+    await network.serve(on_connect, task_status=task_status)
+
+
 async def serve_peers(
     local_id: str,
     secret: bytes,
@@ -150,19 +190,9 @@ async def serve_peers(
             ws = await request.accept()
         except trio_websocket.ConnectionClosed:
             return  # the client left during the upgrade; raising here would stop the server
-        remote = await server_handshake(ws, local_id, secret, max_frame)
-        if remote is None:
-            return
-        session = PeerSession(
-            ws, remote, handlers, stream_handlers, max_frame=max_frame, dialed=False
+        await serve_connection(
+            ws, local_id, secret, handlers, stream_handlers, max_frame=max_frame, sessions=sessions
         )
-        if sessions is not None:
-            sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            if sessions is not None:
-                sessions.discard(session)
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -215,6 +245,7 @@ class PeerPool:
         connect_timeout: seconds a connect (TCP, TLS, websocket upgrade) may take.
         reconnect_backoff: after a failed connect, calls fail at once for this long.
         ping_interval, ping_timeout: liveness pings on every connection (see session.py).
+        network: dial through this in-process network instead of TCP (test clusters).
     """
 
     def __init__(
@@ -231,8 +262,10 @@ class PeerPool:
         reconnect_backoff: float = RECONNECT_BACKOFF,
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
+        network: MemoryNetwork | None = None,
     ) -> None:
         self._nursery = nursery
+        self._network = network
         self._pings = (ping_interval, ping_timeout)
         self._backoff = reconnect_backoff
         self._local_id = local_id
@@ -329,6 +362,9 @@ class PeerPool:
         ``open_websocket`` (0.12) leaves the socket to the garbage collector when the server
         closes first or the opening handshake fails.
         """
+        if self._network is not None:
+            await self._run_memory_session(self._network, addr, task_status)
+            return
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
         try:
@@ -354,16 +390,7 @@ class PeerPool:
                         receive_buffer_size=RECEIVE_BUFFER,
                     )
                 remote = await client_handshake(ws, self._local_id, self._secret, self._max_frame)
-                session = PeerSession(
-                    ws,
-                    remote,
-                    self._handlers,
-                    self._stream_handlers,
-                    max_frame=self._max_frame,
-                    dialed=True,
-                    ping_interval=self._pings[0],
-                    ping_timeout=self._pings[1],
-                )
+                session = self._new_session(ws, remote)
                 self._sessions[addr] = session
                 task_status.started(session)
                 started = True
@@ -398,6 +425,40 @@ class PeerPool:
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
+
+    def _new_session(self, ws: WebSocket, remote: str) -> PeerSession:
+        return PeerSession(
+            ws,
+            remote,
+            self._handlers,
+            self._stream_handlers,
+            max_frame=self._max_frame,
+            dialed=True,
+            ping_interval=self._pings[0],
+            ping_timeout=self._pings[1],
+        )
+
+    async def _run_memory_session(
+        self, network: MemoryNetwork, addr: str, task_status: trio.TaskStatus[PeerSession]
+    ) -> None:
+        """``_run_session`` over an in-process network (``memory.py``)."""
+        try:
+            with trio.fail_after(self._connect_timeout):
+                ws = await network.connect(addr)
+        except (OSError, trio.TooSlowError) as exc:
+            raise PeerUnreachable(f"cannot connect to {addr}: {exc!r}") from None
+        try:
+            remote = await client_handshake(ws, self._local_id, self._secret, self._max_frame)
+            session = self._new_session(ws, remote)
+            self._sessions[addr] = session
+            task_status.started(session)
+            try:
+                await session.run()
+            finally:
+                if self._sessions.get(addr) is session:
+                    del self._sessions[addr]
+        finally:
+            await ws.aclose()
 
     async def aclose(self) -> None:
         """Close every connection; later calls raise :class:`PeerUnreachable`."""

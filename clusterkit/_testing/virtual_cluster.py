@@ -28,6 +28,7 @@ import trio
 from .._cluster import ClusterKit, _open_node
 from .._config import Config
 from .._etcd.client import EtcdClient
+from .._peers.memory import MemoryNetwork
 from .memory_client import MemoryEtcdClient
 from .memory_etcd import open_memory_etcd
 from .memory_store import MemoryEtcd
@@ -62,6 +63,7 @@ class TestCluster:
 
     def __init__(self, store: MemoryEtcd, nursery: trio.Nursery, defaults: dict[str, Any]):
         self.store = store
+        self.network = MemoryNetwork()  # the nodes' peer connections: in process, no sockets
         self._nursery = nursery
         self._defaults = defaults
         self.nodes: dict[str, TestNode] = {}
@@ -92,7 +94,7 @@ class TestCluster:
             node: TestNode | None = None
             try:
                 with trio.CancelScope() as scope:
-                    async with _open_node(config, etcd()) as ck:
+                    async with _open_node(config, etcd(), network=self.network) as ck:
                         node = TestNode(node_id, ck, client, scope)
                         self.nodes[node_id] = node
                         task_status.started(node)
