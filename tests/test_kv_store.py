@@ -18,7 +18,7 @@ from cluster_helpers import RunningNode, node_config, start_node, wait_converged
 from tcp_proxy import open_proxy
 
 import clusterkit
-from clusterkit.testing import open_test_cluster
+from clusterkit.testing import TestCluster, open_test_cluster
 from examples.kv_store.demo import run
 from examples.kv_store.node import KVNode
 
@@ -91,6 +91,58 @@ async def test_a_replica_that_rejoins_resyncs_before_it_leads_again(
         nursery.cancel_scope.cancel()
 
 
+class VirtualStore:
+    """KV nodes on a clusterkit.testing cluster, and writes through their leaders."""
+
+    def __init__(self, cluster: TestCluster) -> None:
+        self.cluster = cluster
+        self.kv: dict[str, KVNode] = {}
+        self.acked: dict[str, bytes] = {}
+
+    async def start(self, node_id: str) -> None:
+        node = self.kv[node_id] = KVNode(node_id)
+        started = await self.cluster.start(
+            node_id,
+            on_partition_assigned=node.on_partition_assigned,
+            on_partition_unassigned=node.on_partition_unassigned,
+        )
+        node.attach(started.ck)
+
+    def leader(self, key: str) -> KVNode | None:
+        live = [self.kv[n] for n in self.cluster.nodes]
+        return next((n for n in live if n.ck.is_leader(n.ck.get_partition(key))), None)
+
+    async def write(self, key: str, value: bytes) -> None:
+        """Retry through whoever leads until acknowledged (or 60 virtual seconds pass)."""
+        with trio.move_on_after(60):
+            while True:
+                node = self.leader(key)
+                if node is not None:
+                    try:
+                        await node.put({"k": key, "v": value})
+                        self.acked[key] = value
+                        return
+                    except clusterkit.ClusterKitError:
+                        pass
+                await trio.sleep(0.05)
+
+    async def lost(self, partitions: int) -> list[tuple[str, Any, bytes]]:
+        """Once the cluster settled: acknowledged values the leaders do not serve."""
+        with trio.fail_after(120):
+            await self.cluster.wait_converged()
+            for n in self.cluster.nodes.values():
+                await n.ck._views.wait_for(lambda v: len(v.leaders) == partitions)
+        missing: list[tuple[str, Any, bytes]] = []
+        for key, value in self.acked.items():
+            with trio.fail_after(30):
+                while (leader := self.leader(key)) is None:
+                    await trio.sleep(0.1)
+            answer = await leader.get({"k": key})
+            if answer.get("v") != value:
+                missing.append((key, answer.get("v"), value))
+        return missing
+
+
 async def test_the_kv_store_loses_nothing_in_a_virtual_time_cluster(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -100,35 +152,10 @@ async def test_the_kv_store_loses_nothing_in_a_virtual_time_cluster(
     async with open_test_cluster(
         partitions=16, replica_factor=3, session_ttl=2.0, rebalance_delay=1.0
     ) as cluster:
-        kv: dict[str, KVNode] = {}
-
-        async def start(node_id: str) -> None:
-            node = kv[node_id] = KVNode(node_id)
-            started = await cluster.start(
-                node_id,
-                on_partition_assigned=node.on_partition_assigned,
-                on_partition_unassigned=node.on_partition_unassigned,
-            )
-            node.attach(started.ck)
-
+        store = VirtualStore(cluster)
         for node_id in ("n1", "n2", "n3"):
-            await start(node_id)
+            await store.start(node_id)
         await cluster.wait_converged()
-        acked: dict[str, bytes] = {}
-
-        async def write(key: str, value: bytes) -> None:
-            with trio.fail_after(60):
-                while True:
-                    live = [kv[n] for n in cluster.nodes]
-                    node = next((n for n in live if n.ck.is_leader(n.ck.get_partition(key))), None)
-                    if node is not None:
-                        try:
-                            await node.put({"k": key, "v": value})
-                            acked[key] = value
-                            return
-                        except clusterkit.ClusterKitError:
-                            pass
-                    await trio.sleep(0.05)
 
         async def write_all(version: int) -> None:
             async with trio.open_nursery() as writers:
@@ -136,37 +163,26 @@ async def test_the_kv_store_loses_nothing_in_a_virtual_time_cluster(
 
                     async def worker(w: int = w) -> None:
                         for i in range(w, 400, 8):
-                            await write(f"key-{i:04d}", b"v%d-%d" % (version, i))
+                            await store.write(f"key-{i:04d}", b"v%d-%d" % (version, i))
 
                     writers.start_soon(worker)
 
         async with trio.open_nursery() as phase:
             phase.start_soon(write_all, 1)
             await trio.sleep(0.5)
-            led: dict[str, int] = {}
-            for n in cluster.nodes.values():
-                led[n.node_id] = sum(n.ck.is_leader(pt) for pt in range(16))
+            led = {
+                n.node_id: sum(n.ck.is_leader(pt) for pt in range(16))
+                for n in cluster.nodes.values()
+            }
             await cluster.kill(max(led, key=lambda n: led[n]))
-        await start("n4")
+        await store.start("n4")
         async with trio.open_nursery() as phase:
             phase.start_soon(write_all, 2)
             drained = sorted(n for n in cluster.nodes if n != "n4")[0]
             await cluster.stop(drained, drain=True)
-        await cluster.wait_converged()
-        with trio.fail_after(60):
-            for n in cluster.nodes.values():
-                await n.ck._views.wait_for(lambda v: len(v.leaders) == 16)
-
-        lost = []
-        for key, value in acked.items():
-            pt = kv["n4"].ck.get_partition(key)
-            leader = next(kv[n] for n in cluster.nodes if kv[n].ck.is_leader(pt))
-            answer = await leader.get({"k": key})
-            if answer.get("v") != value:
-                lost.append((key, answer, value))
-        assert len(acked) == 400 and lost == []
+        assert len(store.acked) == 400 and await store.lost(16) == []
         assert max(led.values()) > 0  # the killed node was leading
-        assert sum(node.stats["keys_pulled"] for node in kv.values()) > 0  # data moved
+        assert sum(node.stats["keys_pulled"] for node in store.kv.values()) > 0  # data moved
 
 
 SEEDS = range(8)
@@ -180,48 +196,23 @@ async def _random_faults(seed: int) -> tuple[int, list[tuple[str, Any, bytes]]]:
     async with open_test_cluster(
         partitions=8, replica_factor=3, session_ttl=2.0, rebalance_delay=1.0
     ) as cluster:
-        kv: dict[str, KVNode] = {}
+        store = VirtualStore(cluster)
         names = (f"n{i}" for i in range(1, 100))
         cut: set[str] = set()
-        acked: dict[str, bytes] = {}
-
-        async def start() -> None:
-            node_id = next(names)
-            node = kv[node_id] = KVNode(node_id)
-            started = await cluster.start(
-                node_id,
-                on_partition_assigned=node.on_partition_assigned,
-                on_partition_unassigned=node.on_partition_unassigned,
-            )
-            node.attach(started.ck)
-
-        async def write(key: str, value: bytes) -> None:
-            with trio.move_on_after(60):
-                while True:
-                    live = [kv[n] for n in cluster.nodes]
-                    node = next((n for n in live if n.ck.is_leader(n.ck.get_partition(key))), None)
-                    if node is not None:
-                        try:
-                            await node.put({"k": key, "v": value})
-                            acked[key] = value
-                            return
-                        except clusterkit.ClusterKitError:
-                            pass
-                    await trio.sleep(0.05)
 
         async def writer(w: int, stop: trio.Event) -> None:
             version = 0
             while not stop.is_set():
                 version += 1
                 for i in range(w, 200, 6):
-                    await write(f"k{i:03d}", b"%d-%d" % (version, i))
+                    await store.write(f"k{i:03d}", b"%d-%d" % (version, i))
                     await trio.sleep(0.01)  # virtual time moves only while every task waits
 
         for _ in range(3):
-            await start()
+            await store.start(next(names))
         await cluster.wait_converged()
         for i in range(100):  # cold keys: written once, they must survive by migration alone
-            await write(f"c{i:03d}", b"cold-%d" % i)
+            await store.write(f"c{i:03d}", b"cold-%d" % i)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             for w in range(6):
@@ -233,7 +224,7 @@ async def _random_faults(seed: int) -> tuple[int, list[tuple[str, Any, bytes]]]:
                 if op == "kill" and len(live) > 2:
                     await cluster.kill(rng.choice(live))
                 elif op == "join":
-                    await start()
+                    await store.start(next(names))
                 elif op == "drain" and len(live) > 2:
                     with trio.move_on_after(30):
                         await cluster.stop(rng.choice(live), drain=True)
@@ -250,21 +241,7 @@ async def _random_faults(seed: int) -> tuple[int, list[tuple[str, Any, bytes]]]:
                     cluster.nodes[back].restore()
             await trio.sleep(5)
             stop.set()
-        with trio.fail_after(120):
-            await cluster.wait_converged()
-            for n in cluster.nodes.values():
-                await n.ck._views.wait_for(lambda v: len(v.leaders) == 8)
-        lost: list[tuple[str, Any, bytes]] = []
-        for key, value in acked.items():
-            pt = kv[next(iter(cluster.nodes))].ck.get_partition(key)
-            with trio.fail_after(30):
-                while not any(kv[n].ck.is_leader(pt) for n in cluster.nodes):
-                    await trio.sleep(0.1)
-            leader = next(kv[n] for n in cluster.nodes if kv[n].ck.is_leader(pt))
-            answer = await leader.get({"k": key})
-            if answer.get("v") != value:
-                lost.append((key, answer.get("v"), value))
-        return len(acked), lost
+        return len(store.acked), await store.lost(8)
 
 
 async def test_randomized_faults_lose_no_acknowledged_write(
