@@ -57,7 +57,7 @@ import trio
 
 from ._actors.cell import Latest, wait_first
 from ._actors.watcher import WatcherActor
-from ._cluster import _contains, _flatten
+from ._boundary import reraise
 from ._config import ClientConfig
 from ._core.keys import KeyLayout
 from ._core.records import Node
@@ -612,12 +612,10 @@ async def open_client(config: ClientConfig) -> AsyncIterator[RoutingClient]:
                     await client._aclose()
                 nursery.cancel_scope.cancel()
     except BaseException as group:
-        if user_error is not None and _contains(group, user_error):
-            for leaf in _flatten(group):
-                if not _contains(user_error, leaf) and not isinstance(leaf, trio.Cancelled):
-                    config.log.error("clusterkit client %s: while closing: %r", client_id, leaf)
-            raise user_error from None
-        real = [leaf for leaf in _flatten(group) if not isinstance(leaf, trio.Cancelled)]
-        if len(real) == 1 and isinstance(group, BaseExceptionGroup):
-            raise real[0] from None
-        raise
+        reraise(
+            group,
+            user_error,
+            lambda leaf: config.log.error(
+                "clusterkit client %s: while closing: %r", client_id, leaf
+            ),
+        )

@@ -5,14 +5,8 @@ makes the handle trustworthy the moment it is yielded: the membership actor has 
 the node (or raised :class:`NodeIdConflict` / :class:`ClusterMismatch`), the watcher has
 published a view read at one revision, and the rebalancer is campaigning.
 
-Exception-group policy at the boundary (tested in ``tests/test_cluster_boundary.py``):
-
-- the user's own exception from the ``async with`` body wins: it is re-raised as itself,
-  never wrapped, and errors raised while leaving are logged, not raised over it;
-- otherwise, when exactly one real error happened (an actor failed, e.g. NodeIdConflict at
-  start or etcd refusing us for good), that error is raised as itself;
-- several independent real errors are raised as an ``ExceptionGroup`` of them;
-- ``trio.Cancelled`` passes through untouched, so outer cancel scopes work as usual.
+Exceptions at the boundary follow ``_boundary.py``: the user's own exception wins, a single
+real error (an actor failed, e.g. NodeIdConflict at start) is raised as itself.
 """
 
 from __future__ import annotations
@@ -31,6 +25,7 @@ from ._actors.membership import Drain, Leave, MembershipActor, MembershipMessage
 from ._actors.partitions import Leadership, PartitionContext, PartitionSupervisor
 from ._actors.rebalancer import RebalancerActor
 from ._actors.watcher import WatcherActor
+from ._boundary import reraise
 from ._config import Config
 from ._core.keys import KeyLayout
 from ._core.records import Node
@@ -319,23 +314,6 @@ class ClusterKit:
             self.config.log.warning("clusterkit %s: leave did not finish in time", self.node_id)
 
 
-def _contains(tree: BaseException, target: BaseException) -> bool:
-    """True when every leaf exception of ``target`` is among the leaves of ``tree``.
-
-    Leaves are compared by identity. Groups are not: Trio's cancel scopes rebuild the groups
-    an exception travels through (``split``), so the user's group object may come back as an
-    equal copy around the very same leaf exceptions.
-    """
-    leaves = _flatten(tree)
-    return all(any(leaf is mine for leaf in leaves) for mine in _flatten(target))
-
-
-def _flatten(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _flatten(sub)]
-    return [exc]
-
-
 @asynccontextmanager
 async def _etcd_endpoints(config: Config) -> AsyncIterator[tuple[str, ...]]:
     if config.etcd_endpoints:
@@ -448,15 +426,14 @@ async def _start_peers(
         ssl_context=client_tls,
         network=network,
     )
-    peers = Peers(
+    return Peers(
         pool,
         lambda node_id: views.value.nodes.get(node_id),
+        address=address,
         timeout=config.peer_timeout,
         handlers=handlers,
         stream_handlers=stream_handlers,
     )
-    peers.address = address
-    return peers
 
 
 @asynccontextmanager
@@ -481,20 +458,6 @@ async def _open_node(
             hub = EventHub()
             leaders = Leadership()
             margin = leader_margin(config.session_ttl)
-            partitions = PartitionSupervisor(
-                PartitionContext(
-                    config=config,
-                    client=etcd,
-                    layout=layout,
-                    node_id=config.node_id,
-                    session=session,
-                    leadership=leaders,
-                    limiter=trio.CapacityLimiter(config.hook_concurrency),
-                    emit=hub.emit,
-                    margin=margin,
-                ),
-                views,
-            )
             async with trio.open_nursery() as nursery:
                 peers = await _start_peers(nursery, config, etcd, layout, views, network)
                 migration = Migration(
@@ -508,9 +471,23 @@ async def _open_node(
                 membership = MembershipActor(etcd, config, layout, node, session, receive)
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
-                # A map older than this first view was written before this process joined:
-                # the roles it gives us belong to an earlier incarnation (see partitions.py).
-                partitions.context.start_revision = views.value.revision
+                partitions = PartitionSupervisor(
+                    PartitionContext(
+                        config=config,
+                        client=etcd,
+                        layout=layout,
+                        node_id=config.node_id,
+                        session=session,
+                        leadership=leaders,
+                        limiter=trio.CapacityLimiter(config.hook_concurrency),
+                        emit=hub.emit,
+                        margin=margin,
+                        # A map older than this first view was written before this process
+                        # joined: its roles belong to an earlier incarnation (partitions.py).
+                        start_revision=views.value.revision,
+                    ),
+                    views,
+                )
                 await nursery.start(rebalancer.run)
                 await nursery.start(partitions.run)
                 ck = ClusterKit(
@@ -548,17 +525,13 @@ async def _open_node(
                         with trio.move_on_after(LEAVE_TIMEOUT):
                             await partitions.stop()
                         hub.close()
-                        await peers._pool.aclose()
+                        await peers.aclose()
                         nursery.cancel_scope.cancel()
                         with trio.move_on_after(LEAVE_TIMEOUT):
                             await membership.close()
     except BaseException as group:
-        if user_error is not None and _contains(group, user_error):
-            for leaf in _flatten(group):
-                if not _contains(user_error, leaf) and not isinstance(leaf, trio.Cancelled):
-                    config.log.error("clusterkit %s: while leaving: %r", config.node_id, leaf)
-            raise user_error from None
-        real = [leaf for leaf in _flatten(group) if not isinstance(leaf, trio.Cancelled)]
-        if len(real) == 1 and isinstance(group, BaseExceptionGroup):
-            raise real[0] from None
-        raise
+        reraise(
+            group,
+            user_error,
+            lambda leaf: config.log.error("clusterkit %s: while leaving: %r", config.node_id, leaf),
+        )

@@ -486,7 +486,6 @@ class PartitionSupervisor:
 
     def __init__(self, ctx: PartitionContext, views: Latest[ClusterView]) -> None:
         self._ctx = ctx
-        self.context = ctx
         self._views = views
         self._cells: dict[int, Latest[ClusterView]] = {}
         self._last: ClusterView = EMPTY_VIEW

@@ -36,6 +36,7 @@ class Peers:
         pool: PeerPool,
         resolve: Callable[[str], Node | None],
         *,
+        address: str,
         timeout: float,
         handlers: dict[str, Handler],
         stream_handlers: dict[str, StreamHandler],
@@ -45,10 +46,15 @@ class Peers:
         self.timeout = timeout
         self.handlers = handlers
         self.stream_handlers = stream_handlers
-        self.address = ""
+        self.address = address
+        """``host:port`` of this node's own peer endpoint."""
 
     def __repr__(self) -> str:
         return f"<Peers at {self.address} handlers={sorted(self.handlers)}>"
+
+    async def aclose(self) -> None:
+        """Close every outgoing connection (the node is leaving)."""
+        await self._pool.aclose()
 
     # -- serving ---------------------------------------------------------------------------
 

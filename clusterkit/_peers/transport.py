@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import trio
 import trio_websocket
 
+from .._boundary import single_errors
 from .._errors import PeerAuthFailed, PeerError, PeerUnreachable, RemoteError
 from . import frames as f
 from .handshake import client_mac, new_nonce, server_mac, verify
@@ -213,25 +213,6 @@ async def serve_peers(
         task_status.started(server.port)
 
 
-@asynccontextmanager
-async def _one_error() -> AsyncIterator[None]:
-    """Raise a group's only real exception as itself (the connection nursery wraps them)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves: list[BaseException] = []
-        stack: list[BaseException] = [group]
-        while stack:
-            exc = stack.pop()
-            if isinstance(exc, BaseExceptionGroup):
-                stack.extend(exc.exceptions)
-            elif not isinstance(exc, trio.Cancelled):
-                leaves.append(exc)
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise
-
-
 class PeerPool:
     """One client session per peer address, opened on first use, reopened after a break.
 
@@ -374,7 +355,7 @@ class PeerPool:
         started = False
         stream: trio.abc.Stream | None = None
         try:
-            async with _one_error(), trio.open_nursery() as connection:
+            async with single_errors(), trio.open_nursery() as connection:
                 with trio.fail_after(self._connect_timeout):
                     tcp = await trio.open_tcp_stream(host, port_number)
                     stream = tcp

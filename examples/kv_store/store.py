@@ -15,7 +15,6 @@ an older epoch (a stale leader that has not yet noticed it lost its lease).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 Version = tuple[int, int]
@@ -106,9 +105,6 @@ class Store:
 
     def drop(self, pt: int) -> None:
         self.partitions.pop(pt, None)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(self.partitions))
 
 
 def encode_value(entry: Entry) -> bytes:

@@ -20,7 +20,9 @@ async def test_registration_rules_and_addresses() -> None:
     async with trio.open_nursery() as nursery:
         pool = PeerPool(nursery, "me", b"s" * 32)
         known = {"b": clusterkit.Node("b", "127.0.0.1", endpoints={"http": "127.0.0.1:7001"})}
-        peers = Peers(pool, known.get, timeout=1.0, handlers={}, stream_handlers={})
+        peers = Peers(
+            pool, known.get, address="127.0.0.1:7000", timeout=1.0, handlers={}, stream_handlers={}
+        )
 
         @peers.handler("kv.get")
         async def get(payload: Any) -> Any:

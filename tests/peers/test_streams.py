@@ -272,7 +272,9 @@ async def test_leaving_the_stream_block_early_aborts_the_remote_side(how: str) -
 
     async with server({"listen": listen}) as srv:
         pool = PeerPool(srv.nursery, "cli", SECRET)
-        peers = Peers(pool, lambda node_id: None, timeout=5, handlers={}, stream_handlers={})
+        peers = Peers(
+            pool, lambda node_id: None, address="", timeout=5, handlers={}, stream_handlers={}
+        )
         with trio.CancelScope() as scope:
             async with peers.stream(srv.addr, "listen") as stream:
                 await stream.send("hello")
