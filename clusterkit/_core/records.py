@@ -4,8 +4,21 @@ Values are JSON so operators can read them with ``etcdctl get``. Decoding is str
 that is not exactly what clusterkit writes raises :class:`RecordError`, which the watcher
 logs, counts and ignores — garbage under the prefix never crashes a node.
 
-The partition map stores a node table and, per partition, indices into it, so a map for
-P = 65536, R = 3 stays around 0.5 MB (etcd refuses requests over 1.5 MiB by default).
+The partition map (format 2) stores a node table and one short string per partition: the
+committed replicas as fixed-width decimal indices into the table, then, while a move is in
+flight, ``>`` and the row it moves to. With nodes ``["a", "b", "c", "d"]``, ``"01>013"``
+reads "committed on a and b, moving to a, b and d"; with 11 to 100 nodes every index takes
+two digits (``"0003>000304"``). Cost is what this layout is for:
+
+- size: 3 + (R + R') * digits bytes per partition, so even P = 65536, R = 3 with every
+  partition moving and up to 1,000 nodes stays under etcd's 1.5 MiB request limit
+  (``max_map_bytes`` is the bound, checked by ``Config``);
+- decoding: the JSON parser is C; each *distinct* row string is parsed and validated once
+  (a cluster has far fewer distinct rows than partitions), and parsed rows are kept per
+  node table between decodes, so the maps of one join cost one dictionary lookup per
+  partition. Decoding stays strict: anything malformed raises :class:`RecordError`.
+
+Format 1 (a list of index lists and a ``pending`` object) is still decoded.
 """
 
 from __future__ import annotations
@@ -13,11 +26,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import compress
 from typing import Any
 
 from .keys import is_number, valid_node_id
 
-MAP_FORMAT = 1
+MAP_FORMAT = 2
+MAP_FORMATS = (1, 2)  # formats decode_map reads
 NODE_STATES = ("active", "draining")
 
 
@@ -139,22 +155,57 @@ class MapRecord:
     pending: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
     def node_ids(self) -> frozenset[str]:
-        """Every node that holds at least one replica."""
-        ids: set[str] = set()
-        for row in self.replicas:
-            ids.update(row)
-        for row in self.pending.values():
-            ids.update(row)
-        return frozenset(ids)
+        """Every node that holds at least one replica (computed once per record)."""
+        return self._node_ids
+
+    @cached_property
+    def _node_ids(self) -> frozenset[str]:
+        return frozenset().union(*self.replicas, *self.pending.values())
 
     def as_assignment(self) -> dict[int, tuple[str, ...]]:
         return dict(enumerate(self.replicas))
 
 
+def _width(table_size: int) -> int:
+    """Digits per node-table index: 1 up to 10 nodes, 2 up to 100, and so on."""
+    return len(str(max(table_size - 1, 0)))
+
+
+def max_map_bytes(partitions: int, replica_factor: int, nodes: int = 1000) -> int:
+    """An upper bound of the encoded size of a map, every partition moving.
+
+    Args:
+        partitions: P.
+        replica_factor: R.
+        nodes: how many distinct nodes the map may name (ids of up to 40 characters).
+
+    Returns:
+        The bound in bytes: 4 + 2 * R * digits per partition, plus the node table.
+    """
+    digits = _width(nodes)
+    return 256 + nodes * 43 + partitions * (4 + 2 * replica_factor * digits)
+
+
+class _RowCodes(dict[tuple[str, ...], str]):
+    """Row -> its index string; each distinct row is encoded once."""
+
+    def __init__(self, code: Mapping[str, str]) -> None:
+        super().__init__()
+        self.code = code
+
+    def __missing__(self, row: tuple[str, ...]) -> str:
+        text = self[row] = "".join(map(self.code.__getitem__, row))
+        return text
+
+
 def encode_map(record: MapRecord) -> bytes:
-    """The JSON value of ``P/map``: a node table plus per-partition indices into it."""
+    """The JSON value of ``P/map`` (format 2, see the module docstring)."""
     table = sorted(record.node_ids())
-    index = {nid: i for i, nid in enumerate(table)}
+    width = _width(len(table))
+    codes = _RowCodes({nid: f"{i:0{width}d}" for i, nid in enumerate(table)})
+    rows = list(map(codes.__getitem__, record.replicas))
+    for pt, row in record.pending.items():
+        rows[pt] = f"{rows[pt]}>{codes[row]}"
     return json.dumps(
         {
             "format": MAP_FORMAT,
@@ -162,14 +213,87 @@ def encode_map(record: MapRecord) -> bytes:
             "partitions": record.partitions,
             "replica_factor": record.replica_factor,
             "nodes": table,
-            "replicas": [[index[n] for n in row] for row in record.replicas],
-            "pending": {str(pt): [index[n] for n in row] for pt, row in record.pending.items()},
+            "rows": rows,
         },
         separators=(",", ":"),
     ).encode()
 
 
-def _row(obj: Any, table: Sequence[str], what: str) -> tuple[str, ...]:
+_Parsed = tuple[tuple[str, ...], tuple[str, ...] | None]
+# Parsed row strings of the last node table seen: (table, replica_factor, text -> parsed).
+# Rows are immutable tuples of the table's own strings, so maps that share rows share them.
+_ROWS_CACHE: tuple[tuple[str, ...], int, dict[str, _Parsed]] = ((), 0, {})
+
+
+def _parse_row(
+    text: str, lookup: Mapping[str, str], width: int, r: int, what: str
+) -> tuple[str, ...]:
+    n = len(text)
+    if n % width or n > r * width:
+        raise RecordError(f"{what} must be at most {r} node indices of {width} digits")
+    try:
+        if width == 1:
+            row = tuple(map(lookup.__getitem__, text))
+        else:
+            row = tuple(lookup[text[i : i + width]] for i in range(0, n, width))
+    except KeyError:
+        raise RecordError(f"{what} has an index outside the node table") from None
+    if len(set(row)) != n // width:
+        raise RecordError(f"{what} names a node twice")
+    return row
+
+
+def _parse(text: str, lookup: Mapping[str, str], width: int, r: int) -> _Parsed:
+    committed, moving, target = text.partition(">")
+    row = _parse_row(committed, lookup, width, r, f"row {text!r}")
+    return row, (_parse_row(target, lookup, width, r, f"row {text!r}") if moving else None)
+
+
+def _decode_rows(
+    obj: dict[str, Any], p: int, r: int
+) -> tuple[tuple[tuple[str, ...], ...], dict[int, tuple[str, ...]]]:
+    global _ROWS_CACHE
+    table = obj.get("nodes")
+    if (
+        not isinstance(table, list)
+        or not all(isinstance(n, str) and valid_node_id(n) for n in table)
+        or len(set(table)) != len(table)
+    ):
+        raise RecordError("partition map nodes must be a list of distinct node ids")
+    rows = obj.get("rows")
+    if not isinstance(rows, list) or len(rows) != p:
+        raise RecordError(f"partition map must have {p} rows")
+    try:
+        distinct = set(rows)
+    except TypeError:
+        raise RecordError("partition map rows must be strings") from None
+    key = tuple(table)
+    cached_table, cached_r, parsed = _ROWS_CACHE
+    if cached_table != key or cached_r != r or len(parsed) > 4 * p + 1024:
+        parsed = {}
+        _ROWS_CACHE = (key, r, parsed)
+    width = _width(len(table))
+    lookup = {f"{i:0{width}d}": nid for i, nid in enumerate(table)}
+    committed: dict[str, tuple[str, ...]] = {}
+    moving: dict[str, tuple[str, ...]] = {}
+    for text in distinct:
+        entry = parsed.get(text) if type(text) is str else None
+        if entry is None:
+            if type(text) is not str:
+                raise RecordError("partition map rows must be strings")
+            entry = parsed[text] = _parse(text, lookup, width, r)
+        committed[text] = entry[0]
+        if entry[1] is not None:
+            moving[text] = entry[1]
+    replicas = tuple(map(committed.__getitem__, rows))
+    pending: dict[int, tuple[str, ...]] = {}
+    if moving:
+        for pt in compress(range(p), map(moving.__contains__, rows)):
+            pending[pt] = moving[rows[pt]]
+    return replicas, pending
+
+
+def _row_v1(obj: Any, table: Sequence[str], what: str) -> tuple[str, ...]:
     if not isinstance(obj, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(table) for i in obj
     ):
@@ -179,16 +303,9 @@ def _row(obj: Any, table: Sequence[str], what: str) -> tuple[str, ...]:
     return tuple(table[i] for i in obj)
 
 
-def decode_map(value: bytes) -> MapRecord:
-    """Parse and validate ``P/map``."""
-    obj = _load(value, "partition map")
-    if not isinstance(obj, dict) or obj.get("format") != MAP_FORMAT:
-        raise RecordError(f"partition map must be an object with format {MAP_FORMAT}")
-    version, p, r = obj.get("version"), obj.get("partitions"), obj.get("replica_factor")
-    for name, v in (("version", version), ("partitions", p), ("replica_factor", r)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "version" else 1):
-            raise RecordError(f"partition map {name} must be a positive integer")
-    assert isinstance(p, int) and isinstance(r, int) and isinstance(version, int)
+def _decode_rows_v1(
+    obj: dict[str, Any], p: int, r: int
+) -> tuple[tuple[tuple[str, ...], ...], dict[int, tuple[str, ...]]]:
     table = obj.get("nodes")
     if not isinstance(table, list) or not all(
         isinstance(n, str) and valid_node_id(n) for n in table
@@ -197,7 +314,7 @@ def decode_map(value: bytes) -> MapRecord:
     rows = obj.get("replicas")
     if not isinstance(rows, list) or len(rows) != p:
         raise RecordError(f"partition map must have {p} replica rows")
-    replicas = tuple(_row(row, table, f"replicas[{i}]") for i, row in enumerate(rows))
+    replicas = tuple(_row_v1(row, table, f"replicas[{i}]") for i, row in enumerate(rows))
     if any(len(row) > r for row in replicas):
         raise RecordError("a partition has more replicas than replica_factor")
     pending_obj = obj.get("pending", {})
@@ -207,7 +324,41 @@ def decode_map(value: bytes) -> MapRecord:
     for key, row in pending_obj.items():
         if not is_number(key) or int(key) >= p:
             raise RecordError(f"partition map pending has a bad partition {key!r}")
-        pending[int(key)] = _row(row, table, f"pending[{key}]")
+        pending[int(key)] = _row_v1(row, table, f"pending[{key}]")
         if len(pending[int(key)]) > r:
             raise RecordError("a pending row has more replicas than replica_factor")
+    return replicas, pending
+
+
+def decode_map(value: bytes) -> MapRecord:
+    """Parse and validate ``P/map`` (format 2, or format 1 as older versions wrote it).
+
+    Raises:
+        RecordError: the value is not exactly a map clusterkit writes.
+    """
+    obj = _load(value, "partition map")
+    if not isinstance(obj, dict) or obj.get("format") not in MAP_FORMATS:
+        raise RecordError(f"partition map must be an object with a format in {MAP_FORMATS}")
+    fmt = obj["format"]
+    version, p, r = obj.get("version"), obj.get("partitions"), obj.get("replica_factor")
+    for name, v in (("version", version), ("partitions", p), ("replica_factor", r)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "version" else 1):
+            raise RecordError(f"partition map {name} must be a positive integer")
+    assert isinstance(p, int) and isinstance(r, int) and isinstance(version, int)
+    if type(fmt) is not int:
+        raise RecordError("partition map format must be an integer")
+    decode_rows = _decode_rows if fmt == 2 else _decode_rows_v1
+    replicas, pending = decode_rows(obj, p, r)
     return MapRecord(version, p, r, replicas, pending)
+
+
+def map_version_hint(value: bytes) -> int | None:
+    """The ``version`` of a stored map that may not decode (for a repair above it), or None."""
+    try:
+        obj = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    version = obj.get("version") if isinstance(obj, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        return version
+    return None
