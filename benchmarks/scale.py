@@ -68,6 +68,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import secrets
 import signal
 import statistics
@@ -831,6 +832,7 @@ async def virtual_worker(n: int, p: int, interval: float) -> None:
                 }
             )
             if at[1] is None:
+                nursery.cancel_scope.cancel()
                 return
             await trio.sleep(IDLE)
             phase = "join"
@@ -887,10 +889,12 @@ class VirtualRun:
         return f"{self.nodes}x{self.partitions}"
 
 
-async def run_virtual(n: int, p: int, timeout: float, interval: float) -> VirtualRun:
+async def run_virtual(
+    n: int, p: int, timeout: float, interval: float, memory_gb: float
+) -> VirtualRun:
     run = VirtualRun(n, p, timeout)
     args = [sys.executable, __file__, "--virtual-worker", f"{n},{p}"]
-    args += ["--virtual-sample", str(interval)]
+    args += ["--virtual-sample", str(interval), "--virtual-memory-gb", str(memory_gb)]
     start = time.perf_counter()
     process = await trio.lowlevel.open_process(
         args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -1263,7 +1267,11 @@ async def main(args: argparse.Namespace) -> None:
                         )
         for n, p in virtual_wanted:
             print(f"virtual {n}x{p} ...", file=sys.stderr, flush=True)
-            runs.append(await run_virtual(n, p, args.virtual_timeout, args.virtual_sample))
+            runs.append(
+                await run_virtual(
+                    n, p, args.virtual_timeout, args.virtual_sample, args.virtual_memory_gb
+                )
+            )
             dump()
     report(cells, runs, version)
     print()
@@ -1288,6 +1296,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--virtual-sample", type=float, default=0.05, help="overlap sampling interval (virtual s)"
     )
+    parser.add_argument(
+        "--virtual-memory-gb", type=float, default=6.0, help="address-space cap per virtual run"
+    )
     parser.add_argument("--virtual-worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1295,6 +1306,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.virtual_worker:
+        limit = int(arguments.virtual_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # fail, don't swamp the machine
         n_, _, p_ = arguments.virtual_worker.partition(",")
         trio.run(
             virtual_worker,
