@@ -1,41 +1,383 @@
-"""The Trio <-> gRPC bridge.
+"""The Trio <-> gRPC bridge: grpc.aio on one asyncio loop in one thread, woken in batches.
 
 Theory of operation
 -------------------
-grpcio's synchronous API is the only one that needs no asyncio loop, so clusterkit drives it
-from Trio in two ways:
+grpcio's asyncio API (``grpc.aio``) is its cheapest per call: completions are polled by one C
+thread and handled on the loop, with no Python thread per channel and no condition variables
+per call. It needs an asyncio loop, and Trio has none, so each :class:`AioBridge` runs one
+private loop in one dedicated thread (started on first use, stopped by :meth:`AioBridge.aclose`)
+and everything gRPC happens on that loop: channels, unary calls, the streams' read and write
+tasks. The Trio side never touches a gRPC object.
 
-*Unary calls* start with the stub's ``.future(...)``: gRPC's own completion machinery runs the
-RPC, and its done-callback wakes the waiting Trio task through the Trio token
-(``run_sync_soon``). No thread per call, so 100 concurrent calls cost 100 futures, not 100
-threads. When the Trio task is cancelled, the abort function cancels the gRPC future, so the
-RPC really stops (a ``trio.to_thread`` bridge cannot do that: the abandoned call runs on to its
-deadline). Every call also carries a gRPC deadline, so nothing waits forever.
+The two threads talk through two queues, each with ONE wakeup per batch, not per call:
 
-*Streams* (Watch, LeaseKeepAlive) are bidirectional. Requests go in through a
-``queue.SimpleQueue`` that a generator hands to gRPC; responses are read by ONE reader thread
-per stream, which forwards each one into Trio with ``run_sync_soon`` (cheaper than
-``from_thread.run``). Flow control is a credit semaphore: the reader takes a credit before
-forwarding and the Trio side gives it back once the response is consumed, so a slow consumer
-slows the stream (and etcd) down instead of growing memory without bound. A callback that
-runs inside ``run_sync_soon`` must never raise (it would kill the Trio run), so the handler is
-wrapped. Closing cancels the call, ends the request generator, and waits — from Trio, without
-blocking it — for the reader thread to say it has finished before joining it.
+- Trio -> loop: :meth:`AioBridge.submit` appends a callable to the inbox and, only if no drain
+  is pending, schedules one with ``call_soon_threadsafe``. A drain clears its flag *before*
+  emptying the inbox, so an item appended meanwhile is either drained now or has scheduled its
+  own drain. 100 calls started in one Trio tick cost one self-pipe write.
+- loop -> Trio: :meth:`AioBridge.post` does the same with the outbox and the Trio token's
+  ``run_sync_soon``: a burst of completions wakes Trio once.
+
+Both queues have an urgent lane that is drained first: the lease channel's calls and its
+keepalive stream go there, and use their own HTTP/2 connection, so a keepalive is never queued
+behind bulk Txns or large range answers (neither in the bridge nor in a shared connection's
+flow-control window).
+
+Unary calls (:meth:`AioBridge.unary`): the Trio task parks in ``wait_task_rescheduled``; the
+loop runs the call as one asyncio task and posts its outcome. If the Trio task is cancelled, the
+abort function submits the asyncio task's cancellation, which cancels the RPC itself (grpc.aio
+sends RST_STREAM), so nothing runs on to its deadline. Every call also has a gRPC deadline.
+
+Streams (:class:`BidiStream`): one reader task and one writer task on the loop per stream (no
+thread per stream, so the thread count does not grow with watches or leases). Flow control is
+a credit count: the reader stops reading when the Trio side holds ``credits`` unconsumed
+responses and resumes when they are released, so a slow consumer slows etcd down instead of
+growing memory. The count is two monotonic counters, each written by one thread only
+(consumed by the loop, released by Trio), so no lock is needed; the reader marks itself starved
+and re-checks before it sleeps, and a release wakes it only then. Callbacks that run in Trio
+through ``run_sync_soon`` must never raise (it would kill the Trio run), so they are wrapped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import queue
+import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import grpc.aio
+import outcome
 import trio
 
+from .._errors import EtcdUnavailable
+from .channel import Endpoint, Stubs
+
 _CREDITS = 16384  # responses in flight per stream (QUEUE_LIMIT per watch is lower)
-_STOP = object()
+_STOP_TIMEOUT = 10.0
+
+
+class LocalCancellation(grpc.RpcError):  # type: ignore[misc]
+    """An RPC ended because the bridge or its channel was closed under it."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return self._details
+
+
+class AioBridge:
+    """One asyncio loop in one thread that runs every gRPC call of one client.
+
+    Create it in the Trio thread; it binds to the Trio run on first use. Not thread-safe on the
+    Trio side (one Trio run owns it).
+    """
+
+    def __init__(self, name: str = "etcd") -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._inbox: deque[Callable[[], object]] = deque()
+        self._urgent_in: deque[Callable[[], object]] = deque()
+        self._in_armed = False
+        self._outbox: deque[Callable[[], object]] = deque()
+        self._urgent_out: deque[Callable[[], object]] = deque()
+        self._out_armed = False
+        self._closed = False
+        self._stopped = trio.Event()
+        self._stubs: dict[tuple[str, str], Stubs] = {}
+        # Counters, each written by one thread.
+        self.started = 0  # unary calls started (loop)
+        self.finished = 0  # unary calls that ended, however (loop)
+        self.cancelled = 0  # RPCs that gRPC cancelled because their Trio task was (loop)
+        self.wakeups = 0  # batches delivered to Trio (Trio)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._thread else "idle")
+        return f"<AioBridge {self._name} {state} in_flight={self.started - self.finished}>"
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: unary RPCs started, in flight, cancelled in gRPC; Trio wakeups."""
+        return {
+            "rpc_started": self.started,
+            "rpc_in_flight": self.started - self.finished,
+            "rpc_cancelled": self.cancelled,
+            "bridge_wakeups": self.wakeups,
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- the two queues -----------------------------------------------------------------
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise EtcdUnavailable("the etcd client is closed")
+        if self._loop is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=self._run_loop, name=f"clusterkit-{self._name}-aio", daemon=True
+            )
+            self._thread.start()
+        return self._loop
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            asyncio.set_event_loop(None)
+            self._post_final()
+
+    def submit(self, fn: Callable[[], object], *, urgent: bool = False) -> None:
+        """Run ``fn()`` on the loop soon (from the Trio thread; never blocks, never raises).
+
+        After :meth:`aclose` nothing is run: the loop's shutdown has cancelled everything.
+        """
+        if self._closed:
+            return
+        loop = self._start()
+        (self._urgent_in if urgent else self._inbox).append(fn)
+        if not self._in_armed:
+            self._in_armed = True
+            try:
+                loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:  # the loop has stopped: nothing will run
+                self._in_armed = False
+
+    def _drain_inbox(self) -> None:
+        self._in_armed = False
+        urgent, inbox = self._urgent_in, self._inbox
+        while urgent or inbox:
+            fn = urgent.popleft() if urgent else inbox.popleft()
+            try:
+                fn()
+            except Exception as exc:  # pragma: no cover - our callables do not raise
+                self._loop_error(exc)
+
+    def post(self, fn: Callable[[], object], *, urgent: bool = False) -> None:
+        """Run ``fn()`` in the Trio thread soon (from the loop thread; never blocks)."""
+        (self._urgent_out if urgent else self._outbox).append(fn)
+        if not self._out_armed:
+            self._out_armed = True
+            assert self._token is not None
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._drain_outbox)
+
+    def _drain_outbox(self) -> None:
+        self._out_armed = False
+        self.wakeups += 1
+        urgent, outbox = self._urgent_out, self._outbox
+        while urgent or outbox:
+            fn = urgent.popleft() if urgent else outbox.popleft()
+            # An exception here would kill the Trio run: every posted callable is guarded.
+            with contextlib.suppress(Exception):
+                fn()
+
+    def _loop_error(self, exc: BaseException) -> None:  # pragma: no cover - defensive
+        loop = self._loop
+        if loop is not None:
+            loop.call_exception_handler({"message": "clusterkit bridge", "exception": exc})
+
+    # -- channels (loop thread) ---------------------------------------------------------
+
+    def stubs(self, endpoint: Endpoint, lane: str) -> Stubs:
+        """The stubs on ``endpoint``'s channel for ``lane`` (``"main"`` or ``"lease"``).
+
+        Loop thread only: the channel is created on first use, on the loop.
+        """
+        key = (endpoint.target, lane)
+        stubs = self._stubs.get(key)
+        if stubs is None:
+            stubs = self._stubs[key] = Stubs(endpoint.open_aio_channel())
+        return stubs
+
+    # -- unary calls ----------------------------------------------------------------------
+
+    async def unary(
+        self,
+        endpoint: Endpoint,
+        service: str,
+        method: str,
+        request: Any,
+        *,
+        timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        lane: str = "main",
+    ) -> Any:
+        """Run one unary RPC on the loop and wait for it without blocking Trio.
+
+        Args:
+            endpoint: the endpoint to call.
+            service: the stub (``"kv"``, ``"lease"``, ... ; see :class:`Stubs`).
+            method: the stub's method (``"Range"``).
+            request: the request message.
+            timeout: the gRPC deadline in seconds.
+            metadata: gRPC metadata to send.
+            lane: ``"main"``, or ``"lease"`` for the urgent lane and its own connection.
+
+        Returns:
+            The response message.
+
+        Raises:
+            EtcdUnavailable: the bridge is closed.
+            grpc.RpcError: the call failed (the caller translates it).
+            trio.Cancelled: the Trio task was cancelled; the RPC has been cancelled too,
+                unless it had already completed (a write may then have been applied: as with
+                any timeout, the outcome of a cancelled write is unknown).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise EtcdUnavailable("the etcd client is closed")
+        call = _UnaryCall(self, endpoint, lane, service, method, request, timeout, metadata)
+        self.submit(call.start, urgent=lane == "lease")
+        return await trio.lowlevel.wait_task_rescheduled(call.abort)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close every channel (cancelling what runs on them), stop the loop, join the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is None:
+            return
+        loop = self._loop
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._shutdown()))
+        assert self._stopped is not None
+        with trio.CancelScope(shield=True), trio.move_on_after(_STOP_TIMEOUT):
+            await self._stopped.wait()
+            assert self._thread is not None
+            self._thread.join(timeout=1.0)
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        stubs, self._stubs = list(self._stubs.values()), {}
+        for s in stubs:
+            with contextlib.suppress(Exception):
+                await s.channel.close()
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks(loop) if t is not me]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        loop.stop()
+
+    def _post_final(self) -> None:
+        def done() -> None:
+            assert self._stopped is not None
+            self._stopped.set()
+
+        self.post(done, urgent=True)
+
+
+class _UnaryCall:
+    """One unary RPC: started and (maybe) cancelled on the loop, woken in Trio."""
+
+    __slots__ = (
+        "bridge",
+        "endpoint",
+        "lane",
+        "metadata",
+        "method",
+        "request",
+        "service",
+        "task",
+        "timeout",
+        "trio_task",
+        "waiting",
+        "withdrawn",
+    )
+
+    def __init__(
+        self,
+        bridge: AioBridge,
+        endpoint: Endpoint,
+        lane: str,
+        service: str,
+        method: str,
+        request: Any,
+        timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> None:
+        self.bridge = bridge
+        self.endpoint = endpoint
+        self.lane = lane
+        self.service = service
+        self.method = method
+        self.request = request
+        self.timeout = timeout
+        self.metadata = metadata
+        self.trio_task = trio.lowlevel.current_task()
+        self.waiting = True  # Trio side: still parked
+        self.withdrawn = False  # loop side: the Trio task gave up
+        self.task: asyncio.Task[None] | None = None
+
+    # Loop thread.
+    def start(self) -> None:
+        if self.withdrawn:
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        bridge = self.bridge
+        bridge.started += 1
+        call: Any = None
+        result: outcome.Outcome[Any]
+        try:
+            stub = getattr(bridge.stubs(self.endpoint, self.lane), self.service)
+            call = getattr(stub, self.method)(
+                self.request, timeout=self.timeout, metadata=self.metadata
+            )
+            result = outcome.Value(await call)
+        except asyncio.CancelledError:
+            bridge.finished += 1
+            if self.withdrawn:
+                if call is not None and call.cancelled():  # gRPC cancelled the RPC itself
+                    bridge.cancelled += 1
+            else:  # the channel was closed under the call (the client is shutting down)
+                self._deliver(outcome.Error(LocalCancellation("the etcd client is closed")))
+            raise
+        except Exception as exc:
+            result = outcome.Error(exc)
+        bridge.finished += 1  # before waking Trio, so its statistics() agree
+        self._deliver(result)
+
+    def _deliver(self, result: outcome.Outcome[Any]) -> None:
+        self.bridge.post(lambda: self._wake(result), urgent=self.lane == "lease")
+
+    def cancel(self) -> None:
+        self.withdrawn = True
+        if self.task is not None:
+            self.task.cancel()
+
+    # Trio thread.
+    def _wake(self, result: outcome.Outcome[Any]) -> None:
+        if self.waiting:
+            self.waiting = False
+            trio.lowlevel.reschedule(self.trio_task, result)
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.waiting = False
+        self.bridge.submit(self.cancel, urgent=True)
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 async def call_unary(
@@ -45,7 +387,11 @@ async def call_unary(
     timeout: float,
     metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> Any:
-    """Run one unary RPC without blocking Trio and without a thread.
+    """Run one unary RPC of a *synchronous* stub without blocking Trio and without a thread.
+
+    For the few calls that have no :class:`AioBridge` (the embedded etcd's readiness probe):
+    the stub's ``.future()`` runs the RPC and its done-callback wakes the task through the Trio
+    token; a cancelled task cancels the future.
 
     Args:
         method: a unary-unary multicallable of a generated stub (``stub.Range``).
@@ -90,38 +436,51 @@ async def call_unary(
 
 
 class BidiStream:
-    """One bidirectional gRPC stream, fed from Trio and read by one thread.
+    """One bidirectional gRPC stream on the bridge's loop, fed from and read into Trio.
 
-    ``on_response(message)`` and ``on_error(exc)`` run in the Trio thread (through
-    ``run_sync_soon``) and must not raise; exceptions they raise are swallowed after being
-    handed to ``on_error``. ``on_error`` is called at most once, with the ``grpc.RpcError``
-    (or other exception) that ended the stream, or ``None`` when the stream was closed by us.
-    The consumer calls :meth:`release` once for every response it has finished with.
+    ``on_response(message)`` and ``on_error(exc)`` run in the Trio thread and must not raise;
+    exceptions they raise are swallowed after being handed to ``on_error``. ``on_error`` is
+    called at most once, with the ``grpc.RpcError`` (or other exception) that ended the stream,
+    or ``None`` when the stream was closed by us. The consumer calls :meth:`release` once for
+    every response it has finished with.
     """
 
     def __init__(
         self,
-        method: Any,
+        bridge: AioBridge,
+        endpoint: Endpoint,
+        service: str,
+        method: str,
         *,
-        name: str,
+        lane: str = "main",
         metadata: tuple[tuple[str, str], ...],
         on_response: Callable[[Any], None],
         on_error: Callable[[BaseException | None], None],
         credits: int = _CREDITS,
     ) -> None:
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._bridge = bridge
+        self._endpoint = endpoint
+        self._service = service
+        self._method = method
+        self._lane = lane
+        self._urgent = lane == "lease"
+        self._metadata = metadata
         self._on_response = on_response
         self._on_error = on_error
-        self._credits = threading.Semaphore(credits)
+        self._credits = credits
+        self._released = 0  # written by Trio only
+        self._consumed = 0  # written by the loop only
+        self._starved = False  # loop: waiting for credits
         self._closing = False
         self._error_reported = False
-        self._token = trio.lowlevel.current_trio_token()
         self._finished = trio.Event()
-        self._call = method(self._request_iterator(), metadata=metadata)
-        self._thread = threading.Thread(
-            target=self._read, name=f"clusterkit-{name}-reader", daemon=True
-        )
-        self._thread.start()
+        # Loop-side state.
+        self._call: Any = None
+        self._writes: asyncio.Queue[Any] | None = None
+        self._credit_event: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: list[Any] = []  # requests sent before the loop opened the call
+        bridge.submit(self._open, urgent=self._urgent)
 
     @property
     def closed(self) -> bool:
@@ -130,39 +489,93 @@ class BidiStream:
 
     def send(self, request: Any) -> None:
         """Queue a request for the stream (never blocks)."""
-        self._requests.put(request)
+        if self.closed:
+            return
+        self._bridge.submit(lambda: self._enqueue(request), urgent=self._urgent)
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` credits after consuming ``n`` responses."""
-        self._credits.release(n)
+        self._released += n
+        if self._starved and not self._closing:
+            self._bridge.submit(self._unstarve, urgent=self._urgent)
 
-    def _request_iterator(self) -> Iterator[Any]:
-        while True:
-            item = self._requests.get()
-            if item is _STOP:
-                return
-            yield item
+    # -- loop thread ----------------------------------------------------------------------
 
-    def _read(self) -> None:
+    def _open(self) -> None:
+        self._writes = asyncio.Queue()
+        self._credit_event = asyncio.Event()
+        for request in self._pending:
+            self._writes.put_nowait(request)
+        self._pending.clear()
+        if self._closing:
+            self._post_end(None)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            stub = getattr(self._bridge.stubs(self._endpoint, self._lane), self._service)
+            self._call = getattr(stub, self._method)(metadata=self._metadata)
+        except Exception as exc:
+            self._post_end(exc)
+            return
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
+
+    def _enqueue(self, request: Any) -> None:
+        if self._writes is None:
+            self._pending.append(request)
+        else:
+            self._writes.put_nowait(request)
+
+    def _unstarve(self) -> None:
+        if self._credit_event is not None:
+            self._credit_event.set()
+
+    async def _write(self) -> None:
+        assert self._writes is not None
+        with contextlib.suppress(Exception):  # the reader reports how the stream ended
+            while True:
+                request = await self._writes.get()
+                await self._call.write(request)
+
+    async def _read(self) -> None:
+        assert self._credit_event is not None
         error: BaseException | None = None
         try:
-            for response in self._call:
-                while not self._credits.acquire(timeout=0.5):
-                    if self._closing:
-                        break
-                if self._closing:
+            while True:
+                while self._consumed - self._released >= self._credits:
+                    self._starved = True
+                    self._credit_event.clear()
+                    if self._consumed - self._released < self._credits:
+                        break  # a release came in between
+                    await self._credit_event.wait()
+                self._starved = False
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    error = EOFError("stream ended")
                     break
-                self._post(self._deliver, response)
-        except grpc.RpcError as exc:
-            error = exc
-        except BaseException as exc:
+                self._consumed += 1
+                self._bridge.post(functools.partial(self._deliver, response), urgent=self._urgent)
+        except asyncio.CancelledError:
+            error = None if self._closing else LocalCancellation("the etcd client is closed")
+        except Exception as exc:
             error = exc
         finally:
-            self._post(self._end, error)
+            for t in self._tasks:
+                if t is not asyncio.current_task():
+                    t.cancel()
+            if self._call is not None:
+                self._call.cancel()
+            self._post_end(error)
 
-    def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(fn, arg)
+    def _post_end(self, error: BaseException | None) -> None:
+        self._bridge.post(lambda: self._end(error), urgent=self._urgent)
+
+    def _close_on_loop(self) -> None:
+        # The reader sees CancelledError and posts the end. Without a call, either _open has
+        # not run yet (it will see _closing and post the end) or it failed and posted it.
+        if self._call is not None:
+            self._call.cancel()
+
+    # -- Trio thread ----------------------------------------------------------------------
 
     def _deliver(self, response: Any) -> None:
         if self._closing or self._error_reported:
@@ -171,11 +584,10 @@ class BidiStream:
             self._on_response(response)
         except BaseException as exc:
             self._report(exc)
-            self._requests.put(_STOP)
-            self._call.cancel()
+            self._closing = True
+            self._bridge.submit(self._close_on_loop, urgent=True)
 
     def _end(self, error: BaseException | None) -> None:
-        self._requests.put(_STOP)  # lets gRPC's request-consumer thread finish too
         if self._closing:
             self._report(None)
         else:
@@ -190,12 +602,12 @@ class BidiStream:
             self._on_error(error)
 
     async def aclose(self) -> None:
-        """Cancel the call and wait until the reader thread has exited."""
+        """Cancel the call and wait until its loop tasks have finished."""
         if not self._closing:
             self._closing = True
-            self._requests.put(_STOP)
-            self._call.cancel()
-            self._credits.release(1)
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if not self._finished.is_set():
+                self._bridge.submit(self._close_on_loop, urgent=True)
+        if self._bridge.closed:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_STOP_TIMEOUT):
             await self._finished.wait()
-            self._thread.join(timeout=1.0)

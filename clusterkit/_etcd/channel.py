@@ -1,6 +1,10 @@
 """Connection settings for etcd and the gRPC channels built from them.
 
-One channel per endpoint, created lazily. Calls go to the *current* endpoint; when it fails
+Two grpc.aio channels per endpoint, created lazily on the bridge's loop (see bridge.py): the
+"main" lane for KV, watch and everything else, and the "lease" lane for lease calls and the
+keepalive stream. Each uses its own subchannel pool, hence its own TCP connection, so a
+keepalive never waits behind bulk traffic in a shared HTTP/2 connection. Calls go to the
+*current* endpoint; when it fails
 with UNAVAILABLE the client moves on to the next one (round robin), so a cluster with one
 member down keeps serving. Channel options are tuned for etcd:
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from .._errors import ConfigError
 from .pb.etcdserverpb import rpc_pb2_grpc
@@ -112,34 +117,48 @@ def _strip_scheme(endpoint: str) -> tuple[str, str]:
 
 
 class Endpoint:
-    """One etcd endpoint: its channel and the stubs on it."""
+    """One etcd endpoint: where it is and how to open a channel to it.
+
+    TLS material is read here, in the caller's thread, so a bad file fails at once.
+    """
 
     def __init__(self, target: str, config: EtcdConfig) -> None:
         self.target = target
-        options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+        self.options: list[tuple[str, Any]] = [
+            *CHANNEL_OPTIONS,
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        self.credentials: grpc.ChannelCredentials | None = None
         if config.tls:
             if config.server_name:
-                options.append(("grpc.ssl_target_name_override", config.server_name))
-            creds = grpc.ssl_channel_credentials(
+                self.options.append(("grpc.ssl_target_name_override", config.server_name))
+            self.credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(config.ca_cert),
                 private_key=_read(config.key),
                 certificate_chain=_read(config.cert),
             )
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
-        self.kv = rpc_pb2_grpc.KVStub(self.channel)
-        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
-        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
-        self.cluster = rpc_pb2_grpc.ClusterStub(self.channel)
-        self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
-        self.auth = rpc_pb2_grpc.AuthStub(self.channel)
 
-    def close(self) -> None:
-        self.channel.close()
+    def open_aio_channel(self) -> grpc.aio.Channel:
+        """A new grpc.aio channel to this endpoint (call it on the loop that will use it)."""
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
+        return grpc.aio.insecure_channel(self.target, options=self.options)
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.target}>"
+
+
+class Stubs:
+    """Our generated stubs on one grpc.aio channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.kv = rpc_pb2_grpc.KVStub(channel)
+        self.watch = rpc_pb2_grpc.WatchStub(channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(channel)
+        self.cluster = rpc_pb2_grpc.ClusterStub(channel)
+        self.maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
+        self.auth = rpc_pb2_grpc.AuthStub(channel)
 
 
 class Endpoints:
@@ -156,7 +175,7 @@ class Endpoints:
 
     @property
     def current(self) -> Endpoint:
-        """The endpoint calls go to now (its channel is created on first use)."""
+        """The endpoint calls go to now."""
         ep = self._open.get(self._current)
         if ep is None:
             ep = self._open[self._current] = Endpoint(self._targets[self._current], self._config)
@@ -166,8 +185,3 @@ class Endpoints:
         """Move on to the next endpoint if ``endpoint`` is still the current one."""
         if len(self._targets) > 1 and self._open.get(self._current) is endpoint:
             self._current = (self._current + 1) % len(self._targets)
-
-    def close(self) -> None:
-        for ep in self._open.values():
-            ep.close()
-        self._open.clear()

@@ -1,7 +1,8 @@
 """The typed async etcd v3 client that the rest of clusterkit (and apps) use.
 
-Every unary call runs through :func:`call_unary` (no thread per call, real cancellation, a gRPC
-deadline on every call). Failures are translated by table into clusterkit errors. Failover:
+Every call runs on the client's :class:`AioBridge` (grpc.aio on one loop thread, batched Trio
+wakeups, real cancellation, a gRPC deadline on every call; lease calls on their own urgent
+lane and connection). Failures are translated by table into clusterkit errors. Failover:
 when the current endpoint is UNAVAILABLE the client moves to the next one; calls that are safe
 to repeat (reads, lease grant/keepalive/time-to-live, status, member list) are retried at once
 on the next endpoint, writes are not — the caller decides, because a write that timed out may
@@ -19,7 +20,7 @@ import grpc
 import trio
 
 from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
-from .bridge import call_unary
+from .bridge import AioBridge
 from .channel import Endpoint, Endpoints, EtcdConfig
 from .lease import LeaseKeepAliveHub
 from .pb.authpb import auth_pb2
@@ -154,6 +155,7 @@ class EtcdClient:
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
         self.endpoints = Endpoints(config)
+        self.bridge = AioBridge()
         self._token: str | None = None
         self._stale_stream_token: str | None = None
         self._auth_lock = trio.Lock()
@@ -171,6 +173,7 @@ class EtcdClient:
         return {
             **{f"watch_{k}": v for k, v in self._watches.statistics().items()},
             **{f"keepalive_{k}": v for k, v in self._keepalives.statistics().items()},
+            **self.bridge.statistics(),
             "reauthentications": self.reauthentications,
         }
 
@@ -228,12 +231,14 @@ class EtcdClient:
             endpoint: Endpoint = self.endpoints.current
             token = self._token
             try:
-                stub = getattr(endpoint, service)
-                return await call_unary(
-                    getattr(stub, method),
+                return await self.bridge.unary(
+                    endpoint,
+                    service,
+                    method,
                     request,
                     timeout=timeout,
                     metadata=self._metadata() if auth else None,
+                    lane="lease" if service == "lease" else "main",
                 )
             except grpc.RpcError as exc:
                 error = translate(exc)
@@ -526,12 +531,9 @@ class EtcdClient:
     def open_streams(self) -> None:
         """Open the Watch and LeaseKeepAlive streams now and keep them for the client's life.
 
-        Two reasons. The thread count is then fixed from the start (each stream: one reader
-        thread plus gRPC's request thread), whatever number of watches and leases follows.
-        And grpcio runs a channel's completion thread only while some call is open on it:
-        with no stream open, most sequential unary calls start (and then lose) a thread,
-        which costs ~100-150 µs per call and millisecond tails. ``open_etcd_client`` calls
-        this once connected.
+        The first watch and the first keepalive then need no stream set-up, and a broken
+        connection shows up at once. Streams add no thread (they are tasks on the bridge's
+        loop). ``open_etcd_client`` calls this once connected.
         """
         if not self._closed:
             self._watches.warm()
@@ -540,14 +542,14 @@ class EtcdClient:
     # -- lifetime ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close streams (joining their threads) and channels. Idempotent."""
+        """Close streams and channels and stop the bridge's thread. Idempotent."""
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
             await self._watches.aclose()
             await self._keepalives.aclose()
-        self.endpoints.close()
+            await self.bridge.aclose()
 
 
 @asynccontextmanager

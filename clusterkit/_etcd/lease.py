@@ -13,6 +13,10 @@ A caller that gives up (timeout, cancellation) leaves its slot in the FIFO as a 
 the answer meant for it is discarded instead of being credited to a later request — which
 would make the later caller believe its lease lives longer than it does. When the stream
 fails every waiter gets the translated error and the next keepalive opens a new stream.
+
+The stream runs on the bridge's urgent "lease" lane, on a connection of its own: its requests
+and answers are handled before any queued KV call, and never wait in a shared HTTP/2 connection
+behind large range answers or bursts of Txns.
 """
 
 from __future__ import annotations
@@ -95,8 +99,11 @@ class LeaseKeepAliveHub:
                 self._stream_failed(stream, endpoint, error)
 
             stream = BidiStream(
-                endpoint.lease.LeaseKeepAlive,
-                name="keepalive",
+                self._client.bridge,
+                endpoint,
+                "lease",
+                "LeaseKeepAlive",
+                lane="lease",
                 metadata=self._client.stream_metadata(),
                 on_response=self._on_response,
                 on_error=on_error,

@@ -57,9 +57,14 @@ BY_MESSAGE: tuple[tuple[str, type[EtcdError]], ...] = (
 
 
 def translate(exc: grpc.RpcError) -> EtcdError:
-    """Map a ``grpc.RpcError`` raised by a call to etcd to a clusterkit error."""
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    """Map a ``grpc.RpcError`` raised by a call to etcd to a clusterkit error.
+
+    Sync calls raise a ``grpc.Call``, grpc.aio raises ``AioRpcError`` (not a ``grpc.Call``,
+    but with the same ``code()`` and ``details()``), the bridge its ``LocalCancellation``.
+    """
+    has_status = callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None))
+    code = exc.code() if has_status else None
+    details = (exc.details() if has_status else None) or str(exc)
     cls: type[EtcdError] = BY_CODE.get(code, EtcdError) if code is not None else EtcdError
     lowered = details.lower()
     for fragment, refined in BY_MESSAGE:

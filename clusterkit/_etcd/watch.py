@@ -5,8 +5,8 @@ Theory of operation
 etcd lets one Watch stream carry many watchers, each named by a ``watch_id`` that the client
 may choose (etcd >= 3.4). The hub opens the stream lazily (with ``hasleader=true`` metadata,
 so a member that loses its raft leader ends the stream instead of going silent), gives every
-watch a fresh id, and routes each response to its watch's queue. Threads: one reader thread
-for the stream (plus gRPC's request-consumer thread), however many watches there are.
+watch a fresh id, and routes each response to its watch's queue. The stream is a reader and a
+writer task on the client's bridge loop: no thread of its own, however many watches there are.
 
 Each watch's queue holds responses in arrival order and ends with at most one terminal error,
 so a consumer always sees every event delivered before the failure and then the failure:
@@ -275,8 +275,10 @@ class WatchHub:
                 self._stream_failed(stream, endpoint, error)
 
             stream = BidiStream(
-                endpoint.watch.Watch,
-                name="watch",
+                self._client.bridge,
+                endpoint,
+                "watch",
+                "Watch",
                 metadata=self._client.stream_metadata(),
                 on_response=self._on_response,
                 on_error=on_error,

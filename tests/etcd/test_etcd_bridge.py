@@ -1,0 +1,111 @@
+"""The Trio <-> grpc.aio bridge: batched wakeups, the urgent lane, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import pytest
+import trio
+
+import clusterkit
+from clusterkit._etcd.bridge import AioBridge
+from clusterkit._etcd.channel import Endpoint
+
+
+async def test_a_burst_of_completions_wakes_trio_once() -> None:
+    bridge = AioBridge("test")
+    got: list[int] = []
+    try:
+        before = bridge.statistics()["bridge_wakeups"]
+
+        def burst() -> None:  # on the loop: 100 completions in one go
+            for i in range(100):
+                bridge.post(functools.partial(got.append, i))
+
+        bridge.submit(burst)
+        with trio.fail_after(5):
+            while len(got) < 100:
+                await trio.sleep(0.01)
+        assert got == list(range(100))
+        assert bridge.statistics()["bridge_wakeups"] - before == 1
+    finally:
+        await bridge.aclose()
+
+
+async def test_the_urgent_lane_runs_first() -> None:
+    bridge = AioBridge("test")
+    release = threading.Event()
+    order: list[str] = []
+    try:
+        # Hold the loop inside a drain, queue bulk work then urgent work behind it.
+        bridge.submit(lambda: release.wait(5))
+        with trio.fail_after(5):
+            while bridge._in_armed:  # the loop has taken the blocking call
+                await trio.sleep(0.001)
+        for i in range(3):
+            bridge.submit(functools.partial(order.append, f"bulk{i}"))
+        bridge.submit(lambda: order.append("urgent"), urgent=True)
+        release.set()
+        with trio.fail_after(5):
+            while len(order) < 4:
+                await trio.sleep(0.01)
+        assert order == ["urgent", "bulk0", "bulk1", "bulk2"]
+    finally:
+        release.set()
+        await bridge.aclose()
+
+
+async def test_a_closed_bridge_refuses_calls_and_its_thread_is_gone() -> None:
+    bridge = AioBridge("test-closed")
+    seen = trio.Event()
+    bridge.submit(lambda: bridge.post(seen.set))
+    with trio.fail_after(5):
+        await seen.wait()
+    assert any(t.name == "clusterkit-test-closed-aio" for t in threading.enumerate())
+    await bridge.aclose()
+    assert not any(t.name == "clusterkit-test-closed-aio" for t in threading.enumerate())
+    endpoint = Endpoint("127.0.0.1:1", clusterkit.EtcdConfig(("127.0.0.1:1",)))
+    with pytest.raises(clusterkit.EtcdUnavailable):
+        await bridge.unary(endpoint, "kv", "Range", None, timeout=1)
+
+
+async def test_calls_cancelled_in_the_tick_they_start_leave_nothing_behind(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(client.put, f"{prefix}{i}", "v")
+            await trio.lowlevel.checkpoint()  # every task is now parked on the bridge
+            nursery.cancel_scope.cancel()
+        with trio.fail_after(5):
+            while client.statistics()["rpc_in_flight"]:
+                await trio.sleep(0.01)
+        stats = client.statistics()
+        assert stats["rpc_cancelled"] <= stats["rpc_started"]
+        assert (await client.get(f"{prefix}x")) is None  # still works
+
+
+async def test_many_concurrent_calls_share_wakeups(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+        await client.put(prefix + "k", "v")
+        before = client.statistics()
+        results: list[bytes] = []
+
+        async def get() -> None:
+            kv = await client.get(prefix + "k")
+            assert kv is not None
+            results.append(kv.value)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(200):
+                    nursery.start_soon(get)
+        after = client.statistics()
+        assert results == [b"v"] * 200
+        assert after["rpc_started"] - before["rpc_started"] == 200
+        assert after["rpc_in_flight"] == 0
+        assert after["bridge_wakeups"] - before["bridge_wakeups"] <= 200
