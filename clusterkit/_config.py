@@ -13,8 +13,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._core.keys import valid_node_id
+from ._core.records import max_map_bytes
 from ._errors import ConfigError
 from ._etcd.channel import EtcdConfig
+
+MAP_REQUEST_LIMIT = 1_572_864 - 16_384
+"""Bytes a stored partition map may take: etcd's default ``--max-request-bytes`` (1.5 MiB)
+less room for the rest of the map's Txn (up to 127 marker deletions)."""
 
 Hook = Callable[..., Awaitable[None] | None]
 """A hook: an async function (a plain function is accepted too)."""
@@ -194,6 +199,14 @@ class Config:
                 raise ConfigError(name, "must be an integer >= 1")
         if self.partitions > 1 << 20:
             raise ConfigError("partitions", "must be <= 1048576")
+        if max_map_bytes(self.partitions, self.replica_factor) > MAP_REQUEST_LIMIT:
+            raise ConfigError(
+                "partitions",
+                f"with replica_factor={self.replica_factor} the partition map could reach "
+                f"{max_map_bytes(self.partitions, self.replica_factor):,} bytes (every "
+                "partition moving, up to 1,000 nodes), over etcd's 1.5 MiB request limit: "
+                "use fewer partitions or replicas",
+            )
         _check_etcd_location(self)
         _positive("session_ttl", self.session_ttl)
         if self.session_ttl < 1:

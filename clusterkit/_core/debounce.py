@@ -1,4 +1,5 @@
-"""Debouncing membership changes before a rebalance (pure: time is an argument).
+"""When the coordinator acts: debouncing membership changes, pacing commits (pure: time is
+an argument).
 
 Theory of operation
 -------------------
@@ -9,11 +10,29 @@ the pending rebalance is dropped). Constant churn must not starve rebalancing ei
 pending rebalance fires at the latest ``max_delay`` after the first unhandled change.
 
     deadline = min(last_change + delay, first_change + max_delay)
+
+Once a map with moves in flight is stored, joining replicas report ready in bursts as their
+hooks finish. Every map the coordinator writes is decoded by every node and costs a
+revision, so commits are paced (:class:`CommitPacer`): when every announced replica is
+ready the rows commit at once (the common end of a join: one map); otherwise the first
+newly ready marker opens a window of ``commit_interval(P)`` and everything ready when it
+closes commits in one map. A join therefore costs the plan's map, one map per window while
+replicas trickle in, and the last one, whatever P is. The window grows with P (0.25 s up
+to P = 16384, then in proportion) so that the nodes' share of CPU spent decoding and
+applying commit maps stays bounded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MIN_COMMIT_INTERVAL = 0.25  # seconds between partial commits, up to P = 16384
+_COMMIT_INTERVAL_P = 16384
+
+
+def commit_interval(partitions: int) -> float:
+    """Seconds between two partial commits of a map with ``partitions`` partitions."""
+    return MIN_COMMIT_INTERVAL * max(1.0, partitions / _COMMIT_INTERVAL_P)
 
 
 @dataclass
@@ -57,3 +76,37 @@ class Debouncer:
     def done(self) -> None:
         """The pending change was acted on."""
         self.first_change = self.last_change = None
+
+
+@dataclass
+class CommitPacer:
+    """When to commit the ready rows of a map with moves in flight.
+
+    Attributes:
+        interval: the window between the first newly ready marker and the commit.
+        opened: when the current window opened (None: no window).
+    """
+
+    interval: float
+    opened: float | None = None
+
+    def observe(self, progressed: bool, complete: bool, now: float) -> float | None:
+        """Record what a view says about readiness.
+
+        Args:
+            progressed: markers changed since the last commit (something may be ready).
+            complete: every announced joining replica is ready.
+            now: the current time.
+
+        Returns:
+            When to commit (``<= now``: commit now), or None when nothing is to commit.
+        """
+        if complete:
+            return now
+        if progressed and self.opened is None:
+            self.opened = now
+        return None if self.opened is None else self.opened + self.interval
+
+    def done(self) -> None:
+        """A commit was attempted (written, or nothing was ready after all)."""
+        self.opened = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clusterkit._core.debounce import Debouncer
+from clusterkit._core.debounce import CommitPacer, Debouncer, commit_interval
 
 
 def test_quiet_period_then_act() -> None:
@@ -35,3 +35,25 @@ def test_constant_churn_is_bounded_by_max_delay() -> None:
         if t >= deadline:
             break
     assert t == 12
+
+
+def test_commit_pacer_commits_at_once_when_everything_is_ready() -> None:
+    pacer = CommitPacer(interval=0.25)
+    assert pacer.observe(progressed=False, complete=False, now=1.0) is None
+    assert pacer.observe(progressed=True, complete=True, now=1.5) == 1.5
+
+
+def test_commit_pacer_batches_a_trickle_into_one_commit_per_window() -> None:
+    pacer = CommitPacer(interval=0.25)
+    assert pacer.observe(progressed=True, complete=False, now=1.0) == 1.25
+    # more markers inside the window do not move it
+    assert pacer.observe(progressed=True, complete=False, now=1.1) == 1.25
+    assert pacer.observe(progressed=False, complete=False, now=1.2) == 1.25
+    pacer.done()
+    assert pacer.observe(progressed=False, complete=False, now=1.3) is None
+    assert pacer.observe(progressed=True, complete=False, now=1.4) == 1.65
+
+
+def test_commit_interval_grows_with_the_map() -> None:
+    assert commit_interval(256) == commit_interval(16384) == 0.25
+    assert commit_interval(65536) == 1.0

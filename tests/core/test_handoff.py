@@ -5,7 +5,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterkit._core.handoff import commit_ready, joining, plan
+from clusterkit._core.handoff import (
+    MapSummary,
+    Plan,
+    ReadyTracker,
+    commit_ready,
+    delete_batches,
+    joining,
+    plan,
+)
 from clusterkit._core.records import MapRecord
 
 P, R = 16, 3
@@ -95,3 +103,127 @@ def test_planned_changes_never_reduce_serving_replicas(ops: list[tuple[str, int]
         assert all(len(row) == want for row in record.replicas)
         assert record.node_ids() <= set(nodes)
         nodes = [n for n in nodes if n not in draining or n in record.node_ids()]
+
+
+# -- back-pressure helpers: covers, trackers, marker deletion --------------------------------
+
+
+def reference_covers(
+    record: MapRecord | None,
+    placeable: frozenset[str],
+    alive: frozenset[str],
+    draining: frozenset[str],
+    r: int,
+) -> bool:
+    """The O(P) check the coordinator ran on every view before MapSummary."""
+    if not placeable:
+        return True
+    if record is None:
+        return False
+    want = min(r, len(placeable))
+    for pt, row in enumerate(record.replicas):
+        intended = record.pending.get(pt, row)
+        if len(intended) != want or any(n not in placeable for n in intended):
+            return False
+        if any(n not in alive for n in row):
+            return False
+    return record.node_ids() - placeable <= draining and all(
+        any(n in row for row in (*record.replicas, *record.pending.values())) for n in placeable
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from("abcdef"), min_size=1, max_size=5, unique=True),
+    st.lists(st.sampled_from("abcdefg"), max_size=6, unique=True),
+    st.lists(st.sampled_from("abcdefg"), max_size=3, unique=True),
+    st.integers(0, 3),
+    st.lists(st.integers(0, P - 1), max_size=4),
+)
+def test_summary_covers_matches_the_per_partition_check(
+    first: list[str], alive: list[str], draining: list[str], drop: int, moved: list[int]
+) -> None:
+    record = cold(first)
+    if moved:  # some rows in flight to a shuffled or shorter row
+        pending = {pt: tuple(reversed(record.replicas[pt]))[: R - drop % 2] for pt in moved}
+        record = MapRecord(2, P, R, record.replicas, pending)
+    alive_set = frozenset(alive)
+    drain = frozenset(draining) & alive_set
+    placeable = alive_set - drain
+    summary = MapSummary.of(record)
+    assert summary.covers(placeable, alive_set, drain, R) == reference_covers(
+        record, placeable, alive_set, drain, R
+    )
+
+
+def test_ready_tracker_is_amortized_and_rewinds() -> None:
+    before = cold(["a", "b", "c"])
+    record = plan(before, ["a", "b", "c", "d"], (), (), P, R).record
+    tracker = ReadyTracker(record)
+    pairs = [(pt, "d") for pt in sorted(record.pending)]
+    assert tracker.announced == len(pairs) and not tracker.all_ready(set())
+    assert not tracker.all_ready(set(pairs[:-1]))
+    assert tracker.all_ready(set(pairs))
+    assert tracker.all_ready(set())  # it remembers: commit_ready re-checks the markers
+    tracker.rewind()
+    assert not tracker.all_ready(set(pairs[1:]))
+
+
+def test_commit_ready_names_the_markers_of_replicas_that_leave() -> None:
+    before = cold(["a", "b", "c"])
+    step = plan(before, ["a", "b", "c", "d"], (), (), P, R)
+    record = step.record
+    old_markers = {(pt, n) for pt in range(P) for n in record.replicas[pt]}
+    ready = old_markers | {(pt, "d") for pt in record.pending}
+    done = commit_ready(record, ["a", "b", "c", "d"], ready)
+    assert done is not None and set(done.committed) == set(record.pending)
+    leaving = {(pt, n) for pt in record.pending for n in record.replicas[pt]} - {
+        (pt, n) for pt in record.pending for n in record.pending[pt]
+    }
+    assert set(done.stale_ready) == leaving and done.delete_first == ()
+
+
+def test_a_marker_the_stored_map_did_not_announce_goes_first() -> None:
+    """A marker left from an abandoned move must be gone before a map announces that move
+    again, or the next plan would count it before the hook ran."""
+    before = cold(["a", "b", "c"])
+    step = plan(before, ["a", "b", "c", "d"], (), (), P, R)
+    pt = min(step.record.pending)
+    leftover = {(pt, "d")}  # d wrote a marker for pt under an older, abandoned map
+    again = plan(before, ["a", "b", "c", "d"], (), leftover, P, R)
+    assert again.delete_first == ((pt, "d"),) and (pt, "d") in again.stale_ready
+    assert pt in again.record.pending  # not committed on the leftover marker
+    # A marker the stored map announced counts, and is not deleted.
+    counted = plan(step.record, ["a", "b", "c", "d"], (), leftover, P, R)
+    assert pt in counted.committed and counted.delete_first == ()
+
+
+def test_delete_batches_respect_max_txn_ops() -> None:
+    record = cold(["a", "b", "c"])
+    first = tuple((pt, "x") for pt in range(300))
+    later = tuple((pt, "y") for pt in range(200))
+    step = Plan(record, tuple(sorted(first + later)), (), first)
+    before, with_map, after = delete_batches(step, 128)
+    assert all(len(batch) <= 128 for batch in (*before, *after)) and len(with_map) <= 127
+    done_before = {m for batch in before for m in batch} | set(with_map)
+    assert set(first) <= done_before  # never after the map
+    assert sorted(done_before | {m for batch in after for m in batch}) == sorted(first + later)
+    assert [len(b) for b in before] == [128, 128] and len(with_map) == 127
+    small = Plan(record, later[:5], (), ())
+    assert delete_batches(small, 128) == ([], list(later[:5]), [])
+
+
+def test_moves_commit_at_p_4096_in_one_step_when_all_are_ready() -> None:
+    nodes = [f"n{i}" for i in range(8)]
+    p = 4096
+    before = plan(None, nodes, (), (), p, R).record
+    step = plan(before, [*nodes, "new"], (), (), p, R)
+    record = step.record
+    assert len(record.pending) >= p * R // 9 - 1 and not step.committed
+    ready = frozenset((pt, "new") for pt in record.pending)
+    assert ReadyTracker(record).all_ready(ready)
+    done = commit_ready(record, [*nodes, "new"], ready)
+    assert done is not None and done.record.pending == {}
+    assert MapSummary.of(done.record).covers(
+        frozenset([*nodes, "new"]), frozenset([*nodes, "new"]), frozenset(), R
+    )
