@@ -10,32 +10,59 @@ the coordinator key's ``create_revision`` (still *this* coordinator's term) and 
 ``mod_revision`` (nobody wrote a map since the one the new map was computed from), so a
 deposed or paused coordinator can never overwrite a newer map.
 
-The coordinator compares the set of active nodes with the nodes the stored map covers.
-When they differ it waits, debounced (``rebalance_delay`` of quiet, at most
+The coordinator compares the set of active nodes with the nodes the stored map covers (in
+O(nodes) per view: a :class:`~clusterkit._core.handoff.MapSummary` is computed once per
+map). When they differ it waits, debounced (``rebalance_delay`` of quiet, at most
 ``rebalance_max_delay`` in all), then computes the next map with the pure
-:func:`~clusterkit._core.assignment.assign` from the stored one — so a new coordinator
-resumes from where the old one stopped — and writes it. A node that flaps inside the window
-causes no write at all. Each map is one put of one key: a join or leave costs a constant
-number of etcd writes, whatever P is.
+:func:`~clusterkit._core.handoff.plan` from the stored one — so a new coordinator resumes
+from where the old one stopped — and writes it. A node that flaps inside the window causes
+no write at all.
+
+Back-pressure. While moves are in flight the coordinator commits ready rows in as few maps
+as it can: all at once when every announced joining replica is ready, otherwise at most one
+map per ``commit_interval(P)`` (``debounce.CommitPacer``). Checking a view costs O(1)
+amortized (``handoff.ReadyTracker``, and the count of markers); the O(pending) commit runs
+only when a window closes. Big maps are planned, summarized and committed in a worker
+thread. Marker deletions ride in the map's Txn up to etcd's ``--max-txn-ops`` (128);
+beyond that they go in Txns of their own, before the map when the old markers would
+otherwise count for a move the new map announces, else after it (``handoff.delete_batches``).
+
+The map never goes backwards and is never replanned from nothing while a good map is known.
+The coordinator remembers the newest map of its own shape it has seen; when the stored map
+is missing, unreadable, of another shape or older (``view.map_problem``, or what this actor
+sees itself), it logs that once, counts it, and writes the newest good map back with a
+version above both, guarded by the stored key's ``mod_revision``. With no good map known it
+logs and does nothing (and neither campaigns nor keeps the coordinator key): nothing read
+from etcd makes a node exit.
 """
 
 from __future__ import annotations
 
-import trio
+import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
 
-from .._config import Config
-from .._core.debounce import Debouncer
-from .._core.handoff import Plan, commit_ready, plan
+import trio
+import trio.testing
+
+from .._config import MAP_REQUEST_LIMIT, Config
+from .._core.debounce import CommitPacer, Debouncer, commit_interval
+from .._core.handoff import MapSummary, Plan, ReadyTracker, commit_ready, delete_batches, plan
 from .._core.keys import KeyLayout, valid_node_id
-from .._core.records import encode_map
+from .._core.records import MapRecord, encode_map, map_version_hint
 from .._core.view import ClusterView
-from .._errors import ClusterMismatch, EtcdError
+from .._errors import EtcdError
 from .._etcd.client import EtcdClient
 from .._etcd.types import Compare, Op
 from .cell import Latest, wait_first
 from .membership import Session
 
-INLINE_ASSIGN_LIMIT = 8192  # replicas; bigger maps are computed in a worker thread
+INLINE_ASSIGN_LIMIT = 8192  # replicas; bigger maps are planned in a worker thread
+INLINE_SCAN_LIMIT = 65536  # replicas; bigger maps are summarized and committed in a thread
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops (3.4 and 3.5)
+RETRY_AFTER_CONFLICT = 0.05
+
+T = TypeVar("T")
 
 
 class RebalancerActor:
@@ -57,10 +84,24 @@ class RebalancerActor:
         self._session = session
         self._views = views
         self._log = config.log
+        self._shape = (config.partitions, config.replica_factor)
+        self._big = config.partitions * config.replica_factor > INLINE_SCAN_LIMIT
         assert config.rebalance_max_delay is not None
         self._debounce = Debouncer(config.rebalance_delay, config.rebalance_max_delay)
+        self._pacer = CommitPacer(commit_interval(config.partitions))
+        self._summary: MapSummary | None = None
+        self._tracker: ReadyTracker | None = None
+        self._ready_count = -1
+        self._good: MapRecord | None = None  # the newest map of our shape seen
+        self._noted: set[str] = set()
         self.term: int | None = None  # create_revision of our coordinator key
         self.maps_written = 0
+        self.plans_written = 0
+        self.commits_written = 0
+        self.repairs_written = 0
+        self.map_problems = 0
+        self.delete_txns = 0
+        self.conflicts = 0
         self.campaigns = 0
 
     def __repr__(self) -> str:
@@ -70,6 +111,12 @@ class RebalancerActor:
         return {
             "coordinator": int(self.term is not None),
             "maps_written": self.maps_written,
+            "plans_written": self.plans_written,
+            "commits_written": self.commits_written,
+            "repairs_written": self.repairs_written,
+            "map_problems": self.map_problems,
+            "delete_txns": self.delete_txns,
+            "conflicts": self.conflicts,
             "campaigns": self.campaigns,
         }
 
@@ -94,11 +141,16 @@ class RebalancerActor:
         version = -1
         view = self._views.value
         while not self._session_ended(session):
-            self._check_compatible(view)
+            record, problem = self._stored_map(view)
+            blocked = record is None and problem is not None
             coordinator = view.coordinator
             if self.term is None:
-                if coordinator is None or (
-                    coordinator.node_id == self._node_id and coordinator.lease == session.lease_id
+                if not blocked and (
+                    coordinator is None
+                    or (
+                        coordinator.node_id == self._node_id
+                        and coordinator.lease == session.lease_id
+                    )
                 ):
                     await self._campaign(session)
             elif (
@@ -107,10 +159,16 @@ class RebalancerActor:
                 self._log.info("clusterkit %s: no longer coordinator", self._node_id)
                 self.term = None
                 continue
+            elif blocked:
+                await self._resign()
+                continue
+            deadline = None
             if self.term is not None:
-                deadline = await self._maybe_rebalance(view)
-            else:
-                deadline = None
+                if problem is not None:
+                    assert record is not None
+                    deadline = await self._repair(view, record)
+                else:
+                    deadline = await self._maybe_rebalance(view, record)
             with trio.move_on_at(deadline if deadline is not None else float("inf")):
                 view, version = await self._wait_view_or_session(version, session)
 
@@ -127,17 +185,46 @@ class RebalancerActor:
             )
         return self._views.value, self._views.version
 
-    def _check_compatible(self, view: ClusterView) -> None:
-        cfg = self._config
-        record = view.map
-        if record is not None and (record.partitions, record.replica_factor) != (
-            cfg.partitions,
-            cfg.replica_factor,
-        ):
-            raise ClusterMismatch(
+    def _stored_map(self, view: ClusterView) -> tuple[MapRecord | None, str | None]:
+        """The map to plan from, and what is wrong with the stored one (None: nothing).
+
+        The newest good map wins: the view's (it keeps the last good one itself) or the one
+        this actor remembers. A problem is logged once per stored revision and counted.
+        """
+        record, problem = view.map, getattr(view, "map_problem", None)
+        good = self._good
+        if record is not None and (record.partitions, record.replica_factor) != self._shape:
+            problem = problem or (
                 f"the stored map has partitions={record.partitions}, replica_factor="
-                f"{record.replica_factor}; this node has {cfg.partitions}, {cfg.replica_factor}"
+                f"{record.replica_factor}; this node has {self._shape[0]}, {self._shape[1]}"
             )
+            record = None
+        if record is None and problem is None:
+            if view.map_revision != 0:
+                problem = "the stored map does not decode"
+            elif good is not None:
+                problem = "the stored map was deleted"
+        if record is not None:
+            if good is None or record.version >= good.version:
+                self._good = good = record
+            elif problem is None:
+                problem = f"the stored map v{record.version} is older than v{good.version}"
+        if problem is None:
+            return record, None
+        note = f"{view.map_revision}: {problem}"
+        if note not in self._noted:
+            self._noted.add(note)
+            self.map_problems += 1
+            self._log.warning(
+                "clusterkit %s: %s (%s); %s",
+                self._node_id,
+                self._layout.map.decode(),
+                problem,
+                f"restoring map v{good.version}" if good else "no good map known: waiting",
+            )
+            if len(self._noted) > 64:
+                self._noted = {note}
+        return good, problem
 
     async def _campaign(self, session: Session) -> None:
         self.campaigns += 1
@@ -173,83 +260,158 @@ class RebalancerActor:
                 [Compare.mod_revision(key, "=", kv.mod_revision)], [Op.delete(key)]
             )
 
-    async def _maybe_rebalance(self, view: ClusterView) -> float | None:
-        """Write a new map if one is due; return the deadline of a pending one.
+    async def _resign(self) -> None:
+        """Give the coordinator key up (this node cannot plan: no good map known)."""
+        assert self.term is not None
+        key = self._layout.coordinator
+        await self._client.txn([Compare.create_revision(key, "=", self.term)], [Op.delete(key)])
+        self._log.info("clusterkit %s: resigned as coordinator", self._node_id)
+        self.term = None
 
-        Membership changes are debounced and then re-planned in full; ready markers of
-        joining replicas are committed at once while the membership is settled.
+    async def _offload(self, big: bool, fn: Callable[..., T], *args: object) -> T:
+        """Run a pure O(P) step inline, or in a worker thread for big maps (the GIL is
+        released every few ms, so keepalives and views keep flowing meanwhile).
+
+        Under a virtual clock (``clusterkit.testing``) it always runs inline: a thread would
+        let the clock jump ahead while it computes.
+        """
+        if big and not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    async def _summary_of(self, record: MapRecord) -> MapSummary:
+        summary = self._summary
+        if summary is None or summary.record is not record:
+            summary = self._summary = await self._offload(self._big, MapSummary.of, record)
+        return summary
+
+    async def _maybe_rebalance(self, view: ClusterView, record: MapRecord | None) -> float | None:
+        """Write a new map if one is due; return when to look again (None: on a new view).
+
+        Membership changes are debounced and then re-planned in full; ready rows of joining
+        replicas are committed, paced, while the membership is settled.
         """
         cfg = self._config
         alive = frozenset(view.nodes)
         draining = view.draining_node_ids()
         placeable = alive - draining
         now = trio.current_time()
-        deadline = self._debounce.observe(placeable, _covers(view, placeable, cfg), now)
-        if deadline is None:
-            if view.map is None or not view.map.pending:
-                return None
-            step = commit_ready(view.map, alive, view.ready)
-            if step is None:
-                return None
-        elif now < deadline:
-            return deadline
+        if record is None:
+            covered = not placeable
         else:
-            args = (view.map, alive, draining, view.ready, cfg.partitions, cfg.replica_factor)
-            if cfg.partitions * cfg.replica_factor <= INLINE_ASSIGN_LIMIT:
-                step = plan(*args)  # a few ms at most
-            else:
-                # Up to ~1 s for P = 65536, N = 1000: off the Trio thread, so keepalives and
-                # routing views keep flowing meanwhile (the GIL is released every few ms).
-                step = await trio.to_thread.run_sync(plan, *args)
-            if not step.changed(view.map):
-                self._debounce.done()
+            summary = await self._summary_of(record)
+            covered = summary.covers(placeable, alive, draining, cfg.replica_factor)
+        deadline = self._debounce.observe(placeable, covered, now)
+        if deadline is None:
+            if record is None or not record.pending:
                 return None
-        return await self._write(view, step, now)
+            return await self._maybe_commit(view, record, alive, now)
+        if now < deadline:
+            return deadline
+        args = (record, alive, draining, view.ready, cfg.partitions, cfg.replica_factor)
+        big = cfg.partitions * cfg.replica_factor > INLINE_ASSIGN_LIMIT
+        step = await self._offload(big, plan, *args)
+        if not step.changed(record):
+            self._debounce.done()
+            return None
+        return await self._write(view, step, now, "plan")
 
-    async def _write(self, view: ClusterView, step: Plan, now: float) -> float | None:
+    async def _maybe_commit(
+        self, view: ClusterView, record: MapRecord, alive: frozenset[str], now: float
+    ) -> float | None:
+        tracker = self._tracker
+        if tracker is None or tracker.record is not record:
+            tracker = self._tracker = ReadyTracker(record)
+        count = len(view.ready)
+        progressed, self._ready_count = count != self._ready_count, count
+        complete = tracker.all_ready(view.ready)
+        due = self._pacer.observe(progressed, complete, now)
+        if due is None or now < due:
+            return due
+        self._pacer.done()
+        step = await self._offload(self._big, commit_ready, record, alive, view.ready)
+        if step is None:
+            if complete:
+                tracker.rewind()  # a marker went away after the tracker saw it
+            return None
+        return await self._write(view, step, now, "commit")
+
+    async def _repair(self, view: ClusterView, good: MapRecord) -> float | None:
+        """Write the newest good map back over a missing, unreadable or older stored one."""
+        kv = await self._client.get(self._layout.map)
+        stored = map_version_hint(kv.value) if kv is not None else None
+        version = max(good.version, stored or 0) + 1
+        record = dataclasses.replace(good, version=version)
+        return await self._write(view, Plan(record, (), ()), trio.current_time(), "repair")
+
+    async def _write(self, view: ClusterView, step: Plan, now: float, kind: str) -> float | None:
         assert self.term is not None
         record = step.record
+        value = await self._offload(self._big, encode_map, record)
+        if len(value) > MAP_REQUEST_LIMIT:
+            note = f"too big: v{record.version} {len(value)}"
+            if note not in self._noted:
+                self._noted.add(note)
+                self._log.error(
+                    "clusterkit %s: map v%d is %d bytes, over etcd's request limit (%d): "
+                    "not written (fewer partitions, replicas or nodes needed)",
+                    self._node_id,
+                    record.version,
+                    len(value),
+                    MAP_REQUEST_LIMIT,
+                )
+            return None
+        term = Compare.create_revision(self._layout.coordinator, "=", self.term)
+        before, with_map, after = delete_batches(step, MAX_TXN_OPS)
+        guard = [term, Compare.mod_revision(self._layout.map, "=", view.map_revision)]
+        for batch in before:
+            if not await self._delete(guard, batch):
+                return self._lost_race(now)
         txn = await self._client.txn(
+            guard,
             [
-                Compare.create_revision(self._layout.coordinator, "=", self.term),
-                Compare.mod_revision(self._layout.map, "=", view.map_revision),
-            ],
-            [
-                Op.put(self._layout.map, encode_map(record)),
-                *(Op.delete(self._layout.ready(pt, n)) for pt, n in step.stale_ready),
+                Op.put(self._layout.map, value),
+                *(Op.delete(self._layout.ready(pt, n)) for pt, n in with_map),
             ],
         )
-        if txn.succeeded:
-            self.maps_written += 1
-            self._debounce.done()
-            self._log.info(
-                "clusterkit %s: wrote map v%d (%d nodes, %d moves pending, %d committed)",
-                self._node_id,
-                record.version,
-                len(record.node_ids()),
-                len(record.pending),
-                len(step.committed),
-            )
-            return None
+        if not txn.succeeded:
+            return self._lost_race(now)
+        self.maps_written += 1
+        if kind == "plan":
+            self.plans_written += 1
+        elif kind == "commit":
+            self.commits_written += 1
+        else:
+            self.repairs_written += 1
+        self._debounce.done()
+        self._pacer.done()
+        self._log.info(
+            "clusterkit %s: wrote map v%d (%s: %d nodes, %d moves pending, %d committed, "
+            "%d markers deleted)",
+            self._node_id,
+            record.version,
+            kind,
+            len(record.node_ids()),
+            len(record.pending),
+            len(step.committed),
+            len(step.stale_ready),
+        )
+        # Markers the new map no longer accounts for: harmless until a later map announces
+        # the same move again, and that map deletes them first (delete_first).
+        guard = [term, Compare.mod_revision(self._layout.map, "=", txn.revision)]
+        for batch in after:
+            if not await self._delete(guard, batch):
+                break
+        return None
+
+    async def _delete(self, guard: list[Compare], markers: list[tuple[int, str]]) -> bool:
+        self.delete_txns += 1
+        txn = await self._client.txn(
+            guard, [Op.delete(self._layout.ready(pt, n)) for pt, n in markers]
+        )
+        return txn.succeeded
+
+    def _lost_race(self, now: float) -> float:
+        self.conflicts += 1
         self._log.info("clusterkit %s: map write lost a race; re-reading", self._node_id)
-        return now + 0.05
-
-
-def _covers(view: ClusterView, placeable: frozenset[str], cfg: Config) -> bool:
-    """True when the stored map already plans for exactly ``placeable`` (nothing to re-plan)."""
-    record = view.map
-    if not placeable:
-        return True
-    if record is None:
-        return False
-    want = min(cfg.replica_factor, len(placeable))
-    alive = view.nodes
-    for pt, row in enumerate(record.replicas):
-        intended = record.pending.get(pt, row)
-        if len(intended) != want or any(n not in placeable for n in intended):
-            return False
-        if any(n not in alive for n in row):
-            return False  # a committed replica died: re-plan now
-    return record.node_ids() - placeable <= frozenset(view.draining_node_ids()) and all(
-        any(n in r for r in (*record.replicas, *record.pending.values())) for n in placeable
-    )
+        return now + RETRY_AFTER_CONFLICT
