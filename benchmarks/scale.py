@@ -186,6 +186,8 @@ class Observer:
         self.ever: set[str] = set()
         self.coordinator: int | None = None  # create_revision of the current coordinator key
         self.batches = 0
+        self.revision = 0  # the last revision applied
+        self.resumes = 0  # watches resumed after falling behind
         self._waiters: list[Waiter] = []
 
     # -- feeding
@@ -196,10 +198,19 @@ class Observer:
         snapshot = await client.get_prefix(root)
         if snapshot.kvs:
             self._apply(snapshot.kvs, ())
-        async with client.watch(root, prefix=True, start_revision=snapshot.revision + 1) as w:
-            task_status.started()
-            async for batch in w:
-                self.apply(batch)
+        self.revision = snapshot.revision
+        while True:
+            try:
+                async with client.watch(root, prefix=True, start_revision=self.revision + 1) as w:
+                    if task_status is not trio.TASK_STATUS_IGNORED:
+                        task_status.started()
+                        task_status = trio.TASK_STATUS_IGNORED
+                    async for batch in w:
+                        self.apply(batch)
+            except clusterkit.WatchOverflow:
+                # This task fell behind (the loop is busy): resume after the last revision
+                # applied. Counts stay exact; times of what was replayed come late.
+                self.resumes += 1
 
     def apply(self, batch: WatchBatch) -> None:
         puts = [(e.kv, e.type is EventType.PUT) for e in batch.events]
@@ -210,6 +221,7 @@ class Observer:
             self._event(kv, True)
         for kv, put in events:
             self._event(kv, put)
+            self.revision = max(self.revision, kv.mod_revision)
         self.batches += 1
         if self._map_dirty:
             self._decode_map()
@@ -362,6 +374,7 @@ class Observer:
             "not_preferred": len(self.bad),
             "leader_keys": len(self.leaders),
             "nodes": len(self.nodes),
+            "watch_resumes": self.resumes,
         }
 
 
@@ -867,6 +880,7 @@ async def virtual_worker(n: int, p: int, interval: float) -> None:
                     "sessions_lost": _sessions_lost(cluster) - lost0,
                     "keepalive_delay": _keepalive_delay(cluster),
                     "decode_max_s": max(observer.decode_seconds, default=0.0),
+                    "watch_resumes": observer.resumes,
                 }
             )
             nursery.cancel_scope.cancel()
@@ -1127,6 +1141,9 @@ def _notes(cells: Sequence[Cell]) -> None:
         if c.bench_cpu is not None:
             parts.append(f"this process {c.bench_cpu:.2f} s;")
         parts.append(f"map decode max {c.decode_max_s * 1000:.0f} ms;")
+        if c.final_progress.get("watch_resumes"):
+            resumes = c.final_progress["watch_resumes"]
+            parts.append(f"the mirror fell behind {resumes} time(s) (times late);")
         if c.stale_reports:
             parts.append(f"{c.stale_reports} node(s) too slow to answer, latest report used;")
         if c.killed:
@@ -1200,6 +1217,8 @@ def _virtual_table(runs: Sequence[VirtualRun]) -> None:
             print(f"{run.name}: last progress before the timeout: {run.progress}")
         if run.error:
             print(f"{run.name}: {run.error}")
+        if run.join and run.join.get("watch_resumes"):
+            print(f"{run.name}: the mirror fell behind {run.join['watch_resumes']} time(s)")
         if run.join and run.join.get("examples"):
             print(f"{run.name}: overlaps e.g. {run.join['examples']}")
 
