@@ -32,8 +32,10 @@ The coordinator remembers the newest map of its own shape it has seen; when the 
 is missing, unreadable, of another shape or older (``view.map_problem``, or what this actor
 sees itself), it logs that once, counts it, and writes the newest good map back with a
 version above both, guarded by the stored key's ``mod_revision``. With no good map known it
-logs and does nothing (and neither campaigns nor keeps the coordinator key): nothing read
-from etcd makes a node exit.
+plans from nothing only over a value that does not decode at all while nothing shows a
+cluster at work (no leader key, no ready marker: a fresh prefix with garbage in it);
+otherwise it logs and does nothing (and neither campaigns nor keeps the coordinator key).
+Nothing read from etcd makes a node exit.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from .._config import MAP_REQUEST_LIMIT, Config
 from .._core.debounce import CommitPacer, Debouncer, commit_interval
 from .._core.handoff import MapSummary, Plan, ReadyTracker, commit_ready, delete_batches, plan
 from .._core.keys import KeyLayout, valid_node_id
-from .._core.records import MapRecord, encode_map, map_version_hint
+from .._core.records import MapRecord, RecordError, decode_map, encode_map, map_version_hint
 from .._core.view import ClusterView
 from .._errors import EtcdError
 from .._etcd.client import EtcdClient
@@ -94,6 +96,7 @@ class RebalancerActor:
         self._ready_count = -1
         self._good: MapRecord | None = None  # the newest map of our shape seen
         self._noted: set[str] = set()
+        self._checked = (-1, False)  # (map revision, readable) of the last fresh-start check
         self.term: int | None = None  # create_revision of our coordinator key
         self.maps_written = 0
         self.plans_written = 0
@@ -142,6 +145,8 @@ class RebalancerActor:
         view = self._views.value
         while not self._session_ended(session):
             record, problem = self._stored_map(view)
+            if record is None and problem is not None and await self._fresh_start(view):
+                problem = None  # nothing was ever served: plan from scratch over the garbage
             blocked = record is None and problem is not None
             coordinator = view.coordinator
             if self.term is None:
@@ -225,6 +230,24 @@ class RebalancerActor:
             if len(self._noted) > 64:
                 self._noted = {note}
         return good, problem
+
+    async def _fresh_start(self, view: ClusterView) -> bool:
+        """With no good map known and a bad stored one: may this node plan from nothing?
+
+        Only when the stored value does not decode at all (a map of another shape is
+        another cluster's) and nothing shows a cluster at work: no leader, no ready marker.
+        """
+        if self._checked[0] != view.map_revision:
+            kv = await self._client.get(self._layout.map)
+            readable = False
+            if kv is not None:
+                try:
+                    decode_map(kv.value)
+                    readable = True
+                except RecordError:
+                    pass
+            self._checked = (view.map_revision, readable)
+        return not self._checked[1] and not view.leaders and not view.ready
 
     async def _campaign(self, session: Session) -> None:
         self.campaigns += 1

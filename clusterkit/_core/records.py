@@ -24,6 +24,7 @@ Format 1 (a list of index lists and a ``pending`` object) is still decoded.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -219,34 +220,45 @@ def encode_map(record: MapRecord) -> bytes:
     ).encode()
 
 
-_Parsed = tuple[tuple[str, ...], tuple[str, ...] | None]
-# Parsed row strings of the last node table seen: (table, replica_factor, text -> parsed).
-# Rows are immutable tuples of the table's own strings, so maps that share rows share them.
-_ROWS_CACHE: tuple[tuple[str, ...], int, dict[str, _Parsed]] = ((), 0, {})
+class _Rows:
+    """Parsed row strings of one node table: committed rows, and pending rows of moves."""
+
+    __slots__ = ("_chunks", "committed", "lookup", "moving", "r", "table", "width")
+
+    def __init__(self, table: tuple[str, ...], r: int) -> None:
+        self.table, self.r = table, r
+        self.width = _width(len(table))
+        self.lookup = {f"{i:0{self.width}d}": nid for i, nid in enumerate(table)}
+        self.committed: dict[str, tuple[str, ...]] = {}
+        self.moving: dict[str, tuple[str, ...]] = {}
+        self._chunks = re.compile("." * self.width, re.DOTALL).findall
+
+    def add(self, text: object) -> None:
+        """Parse and validate one row string (raises RecordError)."""
+        if type(text) is not str:
+            raise RecordError("partition map rows must be strings")
+        committed, arrow, target = text.partition(">")
+        row = self._row(committed, text)
+        if arrow:
+            self.moving[text] = self._row(target, text)
+        self.committed[text] = row
+
+    def _row(self, text: str, whole: str) -> tuple[str, ...]:
+        width, n = self.width, len(text)
+        if n % width or n > self.r * width:
+            raise RecordError(f"row {whole!r}: at most {self.r} indices of {width} digits")
+        try:
+            row = tuple(map(self.lookup.__getitem__, text if width == 1 else self._chunks(text)))
+        except KeyError:
+            raise RecordError(f"row {whole!r} has an index outside the node table") from None
+        if len(set(row)) != len(row):
+            raise RecordError(f"row {whole!r} names a node twice")
+        return row
 
 
-def _parse_row(
-    text: str, lookup: Mapping[str, str], width: int, r: int, what: str
-) -> tuple[str, ...]:
-    n = len(text)
-    if n % width or n > r * width:
-        raise RecordError(f"{what} must be at most {r} node indices of {width} digits")
-    try:
-        if width == 1:
-            row = tuple(map(lookup.__getitem__, text))
-        else:
-            row = tuple(lookup[text[i : i + width]] for i in range(0, n, width))
-    except KeyError:
-        raise RecordError(f"{what} has an index outside the node table") from None
-    if len(set(row)) != n // width:
-        raise RecordError(f"{what} names a node twice")
-    return row
-
-
-def _parse(text: str, lookup: Mapping[str, str], width: int, r: int) -> _Parsed:
-    committed, moving, target = text.partition(">")
-    row = _parse_row(committed, lookup, width, r, f"row {text!r}")
-    return row, (_parse_row(target, lookup, width, r, f"row {text!r}") if moving else None)
+# The rows of the last node table decoded. Rows are immutable tuples of the table's own
+# strings, so maps that share rows share them (and compare them by identity first).
+_ROWS_CACHE = _Rows((), 1)
 
 
 def _decode_rows(
@@ -267,24 +279,13 @@ def _decode_rows(
         distinct = set(rows)
     except TypeError:
         raise RecordError("partition map rows must be strings") from None
+    cache = _ROWS_CACHE
     key = tuple(table)
-    cached_table, cached_r, parsed = _ROWS_CACHE
-    if cached_table != key or cached_r != r or len(parsed) > 4 * p + 1024:
-        parsed = {}
-        _ROWS_CACHE = (key, r, parsed)
-    width = _width(len(table))
-    lookup = {f"{i:0{width}d}": nid for i, nid in enumerate(table)}
-    committed: dict[str, tuple[str, ...]] = {}
-    moving: dict[str, tuple[str, ...]] = {}
-    for text in distinct:
-        entry = parsed.get(text) if type(text) is str else None
-        if entry is None:
-            if type(text) is not str:
-                raise RecordError("partition map rows must be strings")
-            entry = parsed[text] = _parse(text, lookup, width, r)
-        committed[text] = entry[0]
-        if entry[1] is not None:
-            moving[text] = entry[1]
+    if cache.table != key or cache.r != r or len(cache.committed) > 4 * p + 1024:
+        cache = _ROWS_CACHE = _Rows(key, r)
+    committed, moving = cache.committed, cache.moving
+    for text in distinct.difference(committed):  # only rows never seen with this table
+        cache.add(text)
     replicas = tuple(map(committed.__getitem__, rows))
     pending: dict[int, tuple[str, ...]] = {}
     if moving:

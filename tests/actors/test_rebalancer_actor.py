@@ -364,11 +364,25 @@ async def test_a_bad_stored_map_is_replaced_by_the_last_good_one(
         assert actor.maps_written == 1  # and nothing after it
 
 
-async def test_no_good_map_known_means_no_write_and_no_exit(
+async def test_garbage_in_a_fresh_prefix_is_planned_over(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with scene(8, 2, ["me", "b"], None) as (s, nursery):
         await s.client.put(LAYOUT.map, b"garbage")
+        actor = await start_coordinator(s, nursery, 8, 2)
+        with trio.fail_after(10):
+            await s.views.wait_for(lambda v: v.map is not None)
+        assert (await stored(s)).version == 1 and actor.statistics()["plans_written"] == 1
+
+
+async def test_no_good_map_known_in_a_working_cluster_means_no_write_and_no_exit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A node that never saw a good map must not replan a cluster that serves data (its
+    leaders show it) from nothing: it leaves coordinating to nodes that remember the map."""
+    async with scene(8, 2, ["me", "b"], None) as (s, nursery):
+        await s.client.put(LAYOUT.map, b"garbage")
+        await s.client.put(LAYOUT.leader(3), "b", lease=s.lease)
         actor = await start_coordinator(s, nursery, 8, 2)
         await trio.sleep(10)
         assert actor.maps_written == 0 and actor.term is None
@@ -376,6 +390,7 @@ async def test_no_good_map_known_means_no_write_and_no_exit(
         assert (await s.client.get(LAYOUT.coordinator)) is None  # left to a node that can plan
         # the operator deletes the garbage: a fresh cluster, planned from scratch
         await s.client.delete(LAYOUT.map)
+        await s.client.delete(LAYOUT.leader(3))
         with trio.fail_after(10):
             await s.views.wait_for(lambda v: v.map is not None)
         assert (await stored(s)).version == 1
