@@ -16,9 +16,9 @@ Every line on stdout is one JSON object, flushed at once; ``t`` is wall-clock ``
   system of every thread of the process, so the gRPC threads count), ``leads`` (partitions
   for which ``is_leader`` is true), ``lag_max`` / ``lag_p99`` (Trio run-loop lag in the
   current window: a probe task sleeps 10 ms and records by how much it overslept),
-  ``lag_max_all`` (since start), ``sessions_lost``, ``keepalive_delay`` (the library's
-  ``max_keepalive_delay`` statistic wherever an actor reports it, else null) and ``stats``
-  (``ck.statistics()`` as is).
+  ``lag_max_all`` (since start), ``sessions_lost``, ``keepalive_delay`` and ``library_lag``
+  (the library's own ``max_keepalive_delay`` / ``max_loop_lag`` statistics, in seconds or
+  ``_ms``, wherever an actor reports them, else null) and ``stats`` (``ck.statistics()``).
 - ``{"ev": "exit"}`` after the node left.
 
 Commands on stdin, one per line: ``go``; ``mark <seq>`` (start a new lag window, then
@@ -50,6 +50,17 @@ def emit(record: dict[str, Any]) -> None:
     record["t"] = time.time()
     sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+def statistic(stats: dict[str, dict[str, Any]], name: str) -> float | None:
+    """The largest value of statistic ``name`` (seconds, or ``name_ms``) over all actors."""
+    found: list[float] = []
+    for values in stats.values():
+        if values.get(name) is not None:
+            found.append(float(values[name]))
+        if values.get(name + "_ms") is not None:
+            found.append(float(values[name + "_ms"]) / 1000)
+    return max(found, default=None)
 
 
 class Probe:
@@ -105,13 +116,8 @@ class Node:
         if self.ck is not None:
             stats = {name: dict(values) for name, values in self.ck.statistics().items()}
         lost = stats.get("MembershipActor", {}).get("sessions_lost")
-        delay: Any = None
-        for values in stats.values():
-            for key, value in values.items():
-                if key in ("max_keepalive_delay", "keepalive_delay_max"):
-                    delay = value
-                elif key in ("max_keepalive_delay_ms", "keepalive_delay_max_ms"):
-                    delay = value / 1000
+        delay = statistic(stats, "max_keepalive_delay")
+        library_lag = statistic(stats, "max_loop_lag")
         emit(
             {
                 "ev": "report",
@@ -120,6 +126,7 @@ class Node:
                 "leads": self.leads(),
                 "sessions_lost": lost,
                 "keepalive_delay": delay,
+                "library_lag": library_lag,
                 **self.probe.summary(),
                 "stats": stats,
                 **extra,

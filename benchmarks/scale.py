@@ -29,6 +29,8 @@ Columns (join columns are over the join window):
 - cold map / cold leaders: seconds from ``go`` to the committed map / to all preferred leaders.
 - settle: seconds from the joiner's ``go`` (it still has to connect and register) until
   settled; "map" is until the map covering N+1 nodes was committed.
+- sessions lost / re-reg / coord changes: for a cell whose cold start did not settle, those of
+  the cold start ("cold: ..."; coordinator changes = elections after the first).
 - revisions: distinct etcd revisions under the prefix in the join window (a Txn is one
   revision however many keys it writes), against the issue's budget 20 + moved/32 where
   moved = ``count_moves(map before, map after)`` (replicas that land on a new node; for an
@@ -37,10 +39,13 @@ Columns (join columns are over the join window):
   events when a Txn wrote several keys of the kind).
 - CPU: ``time.process_time()`` of each node process over the join window (all its threads);
   existing nodes max/mean, the joiner separately.
-- keepalive delay: the largest ``max_keepalive_delay`` any node's ``ck.statistics()``
-  reports at the end (whatever window the library defines), "n/a" when no actor has it.
+- keepalive delay: the largest ``max_keepalive_delay`` (or ``..._ms``) any node's
+  ``ck.statistics()`` reports; "n/a" when no actor has it. It is a maximum since the node
+  started: when it grew during the join window it is the window's ("0.012"), else it only
+  bounds it ("<= 0.012").
 - loop lag: each node runs a task that sleeps 10 ms and records the overshoot; the largest
-  over all nodes in the join window, and the largest per-node p99.
+  over all nodes in the join window, and the largest per-node p99; "lib" is the library's
+  own ``max_loop_lag`` statistic where it has one (same rule as the keepalive delay).
 - sessions lost: sum of the nodes' ``MembershipActor.sessions_lost`` increase in the window;
   re-reg: node keys re-created with a new create_revision, seen in etcd; coord changes:
   ``P/coordinator`` puts with a new create_revision (a new election) in the window.
@@ -576,6 +581,9 @@ class Cell:
     cpu_joiner: float | None = None
     stale_reports: int = 0
     keepalive_delay: float | None = None
+    keepalive_delay_exact: bool = False
+    library_lag: float | None = None
+    library_lag_exact: bool = False
     lag_max: float | None = None
     lag_p99: float | None = None
     sessions_lost: int | None = None
@@ -586,10 +594,24 @@ class Cell:
     log_warnings: int = 0
     log_examples: list[str] = field(default_factory=list)
     final_progress: dict[str, Any] = field(default_factory=dict)
+    load_before: float = 0.0  # the machine's 1-minute load average
+    load_after: float = 0.0
 
     @property
     def name(self) -> str:
         return f"{self.nodes}x{self.partitions}"
+
+
+def _window_max(values: Sequence[tuple[float, float | None]]) -> tuple[float | None, bool]:
+    """The largest of lifetime maxima read at a window's end, and whether it is the window's.
+
+    A node's lifetime maximum that grew since the mark was reached inside the window; one
+    that did not only bounds the window's maximum from above.
+    """
+    if not values:
+        return None, False
+    end, start = max(values, key=lambda v: v[0])
+    return end, start is not None and end > start
 
 
 def _cpu(report: dict[str, Any] | None) -> float | None:
@@ -607,6 +629,7 @@ async def run_cell(
 ) -> Cell:
     prefix = f"/scale/{n}x{p}-{secrets.token_hex(3)}"
     cell = Cell(n, p, prefix)
+    cell.load_before = os.getloadavg()[0]
     observer = Observer(prefix, p)
     ids = [f"n{i}" for i in range(1, n + 2)]
     procs: list[NodeProc] = []
@@ -630,6 +653,7 @@ async def run_cell(
     except* (clusterkit.ClusterKitError, OSError) as group:  # the mirror's watch failed
         cell.error = f"watch: {group.exceptions[0]!r}"[:500]
     cell.final_progress = observer.progress()
+    cell.load_after = os.getloadavg()[0]
     cell.decode_max_s = max(observer.decode_seconds, default=0.0)
     for proc in procs:
         count, examples = proc.log_lines()
@@ -672,6 +696,7 @@ async def _measure(
 
     # 2. idle
     before = await request_all(existing, "mark")
+    cell.cold_sessions_lost = sum(_lost(r) or 0 for r in before.values())
     await trio.sleep(IDLE)
     after = await request_all(existing, "report")
     for nid, report in after.items():
@@ -709,7 +734,8 @@ async def _measure(
         cell.moved_replicas = count_moves(old.as_assignment(), target)
         cell.moved_leaders = count_leader_changes(old.as_assignment(), target)
     lost = 0
-    delays: list[float] = []
+    delays: list[tuple[float, float | None]] = []  # (at the end, at the mark)
+    library_lags: list[tuple[float, float | None]] = []
     lags: list[float] = []
     p99s: list[float] = []
     for proc in procs:
@@ -725,12 +751,15 @@ async def _measure(
         if l1 is not None:
             lost += l1 - (l0 or 0)
         if r1 is not None:
-            if r1.get("keepalive_delay") is not None:
-                delays.append(float(r1["keepalive_delay"]))
+            for key, out in (("keepalive_delay", delays), ("library_lag", library_lags)):
+                if r1.get(key) is not None:
+                    start = r0.get(key) if r0 is not None else None
+                    out.append((float(r1[key]), None if start is None else float(start)))
             lags.append(float(r1["lag_max"]))
             p99s.append(float(r1["lag_p99"]))
     cell.sessions_lost = lost
-    cell.keepalive_delay = max(delays, default=None)
+    cell.keepalive_delay, cell.keepalive_delay_exact = _window_max(delays)
+    cell.library_lag, cell.library_lag_exact = _window_max(library_lags)
     cell.lag_max = max(lags, default=None)
     cell.lag_p99 = max(p99s, default=None)
 
@@ -783,14 +812,22 @@ def _sessions_lost(cluster: Any) -> int:
     return total
 
 
+def statistic(stats: dict[str, dict[str, Any]], name: str) -> float | None:
+    """The largest value of statistic ``name`` (seconds, or ``name_ms``) over all actors."""
+    found: list[float] = []
+    for values in stats.values():
+        if values.get(name) is not None:
+            found.append(float(values[name]))
+        if values.get(name + "_ms") is not None:
+            found.append(float(values[name + "_ms"]) / 1000)
+    return max(found, default=None)
+
+
 def _keepalive_delay(cluster: Any) -> float | None:
-    delays = []
-    for node in list(cluster.nodes.values()):
-        for values in node.ck.statistics().values():
-            value = values.get("max_keepalive_delay")
-            if value is not None:
-                delays.append(float(value))
-    return max(delays, default=None)
+    delays = [
+        statistic(node.ck.statistics(), "max_keepalive_delay") for node in cluster.nodes.values()
+    ]
+    return max((d for d in delays if d is not None), default=None)
 
 
 async def virtual_worker(n: int, p: int, interval: float) -> None:
@@ -969,6 +1006,12 @@ def _capped(value: float | None, cap: float = CAP) -> str:
     return f"> {cap:.0f} s" if value is None else f"{value:.2f}"
 
 
+def _bound(value: float | None, exact: bool) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if exact else f"<= {value:.3f}"
+
+
 def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -1075,11 +1118,18 @@ def report(cells: Sequence[Cell], runs: Sequence[VirtualRun], etcd_version: str)
                     ),
                     _s(c.cpu_joiner),
                     (f"{max(c.idle_cpu_pct):.1f}" if c.idle_cpu_pct else "-"),
-                    _s(c.keepalive_delay, 3, "n/a") if joined else "-",
-                    f"{_s(c.lag_max, 3)} / {_s(c.lag_p99, 3)}" if joined else "-",
-                    str(c.sessions_lost) if c.sessions_lost is not None else "-",
-                    str(w.flags.get("reregistration", 0)) if w is not None else "-",
-                    str(w.flags.get("election", 0)) if w is not None else "-",
+                    _bound(c.keepalive_delay, c.keepalive_delay_exact) if joined else "-",
+                    (
+                        f"{_s(c.lag_max, 3)} / {_s(c.lag_p99, 3)}"
+                        + (
+                            f" (lib {_bound(c.library_lag, c.library_lag_exact)})"
+                            if c.library_lag is not None
+                            else ""
+                        )
+                    )
+                    if joined
+                    else "-",
+                    *_losses(c),
                     ", ".join(missed_goals(c)) or "none",
                 ]
             )
@@ -1090,28 +1140,48 @@ def report(cells: Sequence[Cell], runs: Sequence[VirtualRun], etcd_version: str)
         _virtual_table(runs)
 
 
+def _losses(c: Cell) -> list[str]:
+    """Sessions lost, re-registrations, coordinator changes: of the join, else of the cold start."""
+    w = c.join_window
+    if w is not None:
+        lost = "-" if c.sessions_lost is None else str(c.sessions_lost)
+        return [lost, str(w.flags.get("reregistration", 0)), str(w.flags.get("election", 0))]
+    cold = c.cold_window
+    if cold is None:
+        return ["-", "-", "-"]
+    lost = "-" if c.cold_sessions_lost is None else str(c.cold_sessions_lost)
+    changes = max(0, cold.flags.get("election", 0) - 1)
+    return [f"cold: {lost}", f"cold: {cold.flags.get('reregistration', 0)}", f"cold: {changes}"]
+
+
 def _kinds_table(cells: Sequence[Cell]) -> None:
-    windows = [(c, c.join_window) for c in cells if c.join_window is not None]
+    windows = [(c.name, c.join_window) for c in cells if c.join_window is not None]
+    windows += [
+        (f"{c.name} cold start", c.cold_window)
+        for c in cells
+        if c.cold_window is not None and c.cold_leaders_s is None
+    ]
     if not windows:
         return
     labels = sorted({k for _, w in windows for k in w.by_kind}, key=_kind_key)
     print()
     print(
         "etcd revisions of the join by key kind (window: joiner's go -> settled + 1 s, or the"
-        " cap); a/b = a revisions carrying b events"
+        " cap; for a cold start that did not settle: go -> the cap); a/b = a revisions carrying"
+        " b events"
     )
     print()
     header = ["N x P", "revisions", "events", *labels, "maps written", "max pending"]
     header += ["node keys deleted", "coordinator gone"]
     rows = []
-    for c, w in windows:
+    for name, w in windows:
         cols = []
         for label in labels:
             revs, events = w.by_kind.get(label, (0, 0))
             cols.append(str(revs) if revs == events else f"{revs}/{events}")
         rows.append(
             [
-                c.name,
+                name,
                 str(w.revisions),
                 str(w.events),
                 *cols,
@@ -1148,7 +1218,8 @@ def _notes(cells: Sequence[Cell]) -> None:
             parts.append(f"{c.stale_reports} node(s) too slow to answer, latest report used;")
         if c.killed:
             parts.append(f"{c.killed} node(s) SIGKILLed at teardown;")
-        parts.append(f"{c.log_warnings} warning/error log lines")
+        parts.append(f"{c.log_warnings} warning/error log lines;")
+        parts.append(f"load average {c.load_before:.1f} before, {c.load_after:.1f} after")
         print(" ".join(parts))
         if c.join_settle_s is None and c.join_window is not None:
             print(f"  not settled: {c.final_progress}")
