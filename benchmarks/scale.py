@@ -29,8 +29,6 @@ Columns (join columns are over the join window):
 - cold map / cold leaders: seconds from ``go`` to the committed map / to all preferred leaders.
 - settle: seconds from the joiner's ``go`` (it still has to connect and register) until
   settled; "map" is until the map covering N+1 nodes was committed.
-- sessions lost / re-reg / coord changes: for a cell whose cold start did not settle, those of
-  the cold start ("cold: ..."; coordinator changes = elections after the first).
 - revisions: distinct etcd revisions under the prefix in the join window (a Txn is one
   revision however many keys it writes), against the issue's budget 20 + moved/32 where
   moved = ``count_moves(map before, map after)`` (replicas that land on a new node; for an
@@ -38,7 +36,8 @@ Columns (join columns are over the join window):
   breaks them down by key kind (``+`` put, ``-`` delete; "a/b" = a revisions carrying b
   events when a Txn wrote several keys of the kind).
 - CPU: ``time.process_time()`` of each node process over the join window (all its threads);
-  existing nodes max/mean, the joiner separately.
+  existing nodes max/mean, the joiner separately. Idle CPU: the busiest existing node over
+  the 2 s idle step, in percent of one core.
 - keepalive delay: the largest ``max_keepalive_delay`` (or ``..._ms``) any node's
   ``ck.statistics()`` reports; "n/a" when no actor has it. It is a maximum since the node
   started: when it grew during the join window it is the window's ("0.012"), else it only
@@ -48,22 +47,30 @@ Columns (join columns are over the join window):
   own ``max_loop_lag`` statistic where it has one (same rule as the keepalive delay).
 - sessions lost: sum of the nodes' ``MembershipActor.sessions_lost`` increase in the window;
   re-reg: node keys re-created with a new create_revision, seen in etcd; coord changes:
-  ``P/coordinator`` puts with a new create_revision (a new election) in the window.
+  ``P/coordinator`` puts with a new create_revision (a new election) in the window. For a
+  cell whose cold start did not settle (no join is then measured) these three are the cold
+  start's ("cold: ..."; coordinator changes = elections after the first).
+- goals missed: the issue's goals this cell misses (settle, revisions, CPU, cold start,
+  sessions, coordinator, re-registrations), "none" when it meets them all.
 
 What shares the CPU: every node process of the cell, etcd, and this process (its watch and
 the mirror) share the machine's cores (2 on the machine the issue was measured on), and
 other work on the machine counts too. The notes print etcd's and this process's CPU for
 each join window.
 
-Virtual time: ``--virtual N,P`` (default ``64,65536``, and ``16,4096`` for a number even when
-the big one is too slow; ``--virtual none`` skips) runs one process with
+Virtual time: ``--virtual "N,P;N,P"`` (default ``64,65536;16,4096``: the small one gives a
+number even when the big one is too slow; ``none`` or ``--no-virtual`` skips) runs one process
+with
 ``clusterkit.testing.open_test_cluster`` (in-memory etcd, MockClock with autojump): N nodes
 cold start, then one join, with the same mirror watching the in-memory etcd and an overlap
 checker that samples ``is_leader`` on every node every ``--virtual-sample`` virtual seconds.
 Times there are virtual (the clock only moves when every task waits, so they show the
-protocol's own delays, not CPU); the wall-clock seconds and process CPU are printed beside
-them. Each virtual run is its own subprocess, killed after ``--virtual-timeout`` wall-clock
-seconds ('> timeout', with the last counters it printed).
+protocol's own delays, not CPU; but while work runs in a worker thread, e.g. the
+rebalancer's planning, every task waits and virtual time runs freely, so thread time shows up
+as virtual seconds); the wall-clock seconds and process CPU are printed beside them. Each
+virtual run is its own subprocess (its address space capped by ``--virtual-memory-gb``),
+killed after ``--virtual-timeout`` wall-clock seconds ('> timeout', with the last counters
+it printed).
 """
 
 from __future__ import annotations
