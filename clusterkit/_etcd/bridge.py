@@ -98,7 +98,7 @@ class AioBridge:
         # Counters, each written by one thread.
         self.started = 0  # unary calls started (loop)
         self.finished = 0  # unary calls that ended, however (loop)
-        self.cancelled = 0  # RPCs that gRPC cancelled because their Trio task was (loop)
+        self.cancelled = 0  # RPCs cancelled in gRPC because their Trio task was (loop)
         self.wakeups = 0  # batches delivered to Trio (Trio)
 
     def __repr__(self) -> str:
@@ -171,14 +171,24 @@ class AioBridge:
             except Exception as exc:  # pragma: no cover - our callables do not raise
                 self._loop_error(exc)
 
-    def post(self, fn: Callable[[], object], *, urgent: bool = False) -> None:
-        """Run ``fn()`` in the Trio thread soon (from the loop thread; never blocks)."""
+    def post(self, fn: Callable[[], object], *, urgent: bool = False, now: bool = False) -> None:
+        """Run ``fn()`` in the Trio thread soon (from the loop thread; never blocks).
+
+        Trio is woken at the end of the loop's current iteration, so every completion that
+        iteration handles shares one wakeup; urgent items, and ``now``, wake it at once.
+        """
         (self._urgent_out if urgent else self._outbox).append(fn)
         if not self._out_armed:
             self._out_armed = True
-            assert self._token is not None
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._drain_outbox)
+            if urgent or now or self._loop is None or self._loop.is_closed():
+                self._wake_trio()
+            else:
+                self._loop.call_soon(self._wake_trio)
+
+    def _wake_trio(self) -> None:
+        assert self._token is not None
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._drain_outbox)
 
     def _drain_outbox(self) -> None:
         self._out_armed = False
@@ -274,10 +284,14 @@ class AioBridge:
             with contextlib.suppress(Exception):
                 await s.channel.close()
         me = asyncio.current_task()
-        rest = [t for t in asyncio.all_tasks(loop) if t is not me]
-        for t in rest:
-            t.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
+        for _ in range(10):  # done-callbacks may start error tasks: until nothing is left
+            rest = [t for t in asyncio.all_tasks(loop) if t is not me]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            await asyncio.sleep(0)  # let the callbacks of what just ended run
+            if not rest:
+                break
         loop.stop()
 
     def _post_final(self) -> None:
@@ -289,17 +303,23 @@ class AioBridge:
 
 
 class _UnaryCall:
-    """One unary RPC: started and (maybe) cancelled on the loop, woken in Trio."""
+    """One unary RPC: started and (maybe) cancelled on the loop, woken in Trio.
+
+    On the loop the call needs no task of its own: a done-callback on grpc.aio's response
+    task delivers the answer. Only a failed call (whose error grpc.aio builds while awaited)
+    is awaited in a task, as is every call if that response task is not there (a grpc.aio
+    whose internals differ).
+    """
 
     __slots__ = (
         "bridge",
+        "call",
         "endpoint",
         "lane",
         "metadata",
         "method",
         "request",
         "service",
-        "task",
         "timeout",
         "trio_task",
         "waiting",
@@ -328,45 +348,66 @@ class _UnaryCall:
         self.trio_task = trio.lowlevel.current_task()
         self.waiting = True  # Trio side: still parked
         self.withdrawn = False  # loop side: the Trio task gave up
-        self.task: asyncio.Task[None] | None = None
+        self.call: Any = None
 
     # Loop thread.
     def start(self) -> None:
         if self.withdrawn:
             return
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
         bridge = self.bridge
         bridge.started += 1
-        call: Any = None
-        result: outcome.Outcome[Any]
         try:
             stub = getattr(bridge.stubs(self.endpoint, self.lane), self.service)
-            call = getattr(stub, self.method)(
+            call = self.call = getattr(stub, self.method)(
                 self.request, timeout=self.timeout, metadata=self.metadata
             )
-            result = outcome.Value(await call)
+        except Exception as exc:
+            self._finish(outcome.Error(exc))
+            return
+        response_task = getattr(call, "_call_response", None)
+        if isinstance(response_task, asyncio.Future):
+            response_task.add_done_callback(self._responded)
+        else:  # pragma: no cover - a grpc.aio without the response task
+            asyncio.get_running_loop().create_task(self._await())
+
+    def _responded(self, response_task: asyncio.Future[Any]) -> None:
+        if response_task.cancelled() or self.withdrawn:
+            self._finish(None)
+            return
+        error = response_task.exception()
+        if error is None and response_task.result() is not grpc.aio.EOF:
+            self._finish(outcome.Value(response_task.result()))
+        else:  # awaiting the call raises the error grpc.aio builds from the status
+            asyncio.get_running_loop().create_task(self._await())
+
+    async def _await(self) -> None:
+        try:
+            result: outcome.Outcome[Any] | None = outcome.Value(await self.call)
         except asyncio.CancelledError:
-            bridge.finished += 1
-            if self.withdrawn:
-                if call is not None and call.cancelled():  # gRPC cancelled the RPC itself
-                    bridge.cancelled += 1
-            else:  # the channel was closed under the call (the client is shutting down)
-                self._deliver(outcome.Error(LocalCancellation("the etcd client is closed")))
-            raise
+            # Ours (the Trio task gave up), or the channel was closed under the call.
+            result = None if self.withdrawn else outcome.Error(_closed())
         except Exception as exc:
             result = outcome.Error(exc)
-        bridge.finished += 1  # before waking Trio, so its statistics() agree
-        self._deliver(result)
+        self._finish(result)
 
-    def _deliver(self, result: outcome.Outcome[Any]) -> None:
-        self.bridge.post(lambda: self._wake(result), urgent=self.lane == "lease")
+    def _finish(self, result: outcome.Outcome[Any] | None) -> None:
+        self.call = None  # nothing needs it now; see BidiStream._read on gRPC's poller thread
+        bridge = self.bridge
+        bridge.finished += 1  # before waking Trio, so its statistics() agree
+        if result is None and not self.withdrawn:
+            result = outcome.Error(_closed())
+        if result is not None:
+            # The last call in flight wakes Trio at once: nothing else could share the wakeup.
+            bridge.post(
+                functools.partial(self._wake, result),
+                urgent=self.lane == "lease",
+                now=bridge.started == bridge.finished,
+            )
 
     def cancel(self) -> None:
         self.withdrawn = True
-        if self.task is not None:
-            self.task.cancel()
+        if self.call is not None and self.call.cancel():  # False: it had already ended
+            self.bridge.cancelled += 1
 
     # Trio thread.
     def _wake(self, result: outcome.Outcome[Any]) -> None:
@@ -378,6 +419,10 @@ class _UnaryCall:
         self.waiting = False
         self.bridge.submit(self.cancel, urgent=True)
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+def _closed() -> LocalCancellation:
+    return LocalCancellation("the etcd client is closed")
 
 
 async def call_unary(
@@ -564,6 +609,8 @@ class BidiStream:
                     t.cancel()
             if self._call is not None:
                 self._call.cancel()
+            # Drop the call: gRPC's poller thread lives as long as some call or channel does.
+            self._call, self._tasks, self._writes = None, [], None
             self._post_end(error)
 
     def _post_end(self, error: BaseException | None) -> None:
