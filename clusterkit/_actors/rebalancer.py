@@ -19,10 +19,11 @@ from where the old one stopped — and writes it. A node that flaps inside the w
 no write at all.
 
 Back-pressure. While moves are in flight the coordinator commits ready rows in as few maps
-as it can: all at once when every announced joining replica is ready, otherwise at most one
-map per ``commit_interval(P)`` (``debounce.CommitPacer``). Checking a view costs O(1)
-amortized (``handoff.ReadyTracker``, and the count of markers); the O(pending) commit runs
-only when a window closes. Big maps are planned, summarized and committed in a worker
+as it can: all at once when every announced joining replica is ready, otherwise one map per
+window, the window starting at ``commit_interval(P)`` and doubling with every partial
+commit (``debounce.CommitPacer``). Checking a view costs O(1) amortized
+(``handoff.ReadyTracker``, and the count of markers); the O(pending) commit runs only when
+a window closes. Big maps are planned, summarized and committed in a worker
 thread. Marker deletions ride in the map's Txn up to etcd's ``--max-txn-ops`` (128);
 beyond that they go in Txns of their own, before the map when the old markers would
 otherwise count for a move the new map announces, else after it (``handoff.delete_batches``).
@@ -94,6 +95,7 @@ class RebalancerActor:
         self._summary: MapSummary | None = None
         self._tracker: ReadyTracker | None = None
         self._ready_count = -1
+        self._superseded = -1  # the map revision our last write replaced
         self._good: MapRecord | None = None  # the newest map of our shape seen
         self._noted: set[str] = set()
         self._checked = (-1, False)  # (map revision, readable) of the last fresh-start check
@@ -314,6 +316,8 @@ class RebalancerActor:
         Membership changes are debounced and then re-planned in full; ready rows of joining
         replicas are committed, paced, while the membership is settled.
         """
+        if view.map_revision == self._superseded:
+            return None  # the view has not caught up with our last write yet
         cfg = self._config
         alive = frozenset(view.nodes)
         draining = view.draining_node_ids()
@@ -351,9 +355,9 @@ class RebalancerActor:
         due = self._pacer.observe(progressed, complete, now)
         if due is None or now < due:
             return due
-        self._pacer.done()
         step = await self._offload(self._big, commit_ready, record, alive, view.ready)
         if step is None:
+            self._pacer.done(committed=False)
             if complete:
                 tracker.rewind()  # a marker went away after the tracker saw it
             return None
@@ -407,7 +411,11 @@ class RebalancerActor:
         else:
             self.repairs_written += 1
         self._debounce.done()
-        self._pacer.done()
+        self._superseded = view.map_revision
+        if kind == "commit":
+            self._pacer.done(committed=True)
+        else:
+            self._pacer.restart()
         self._log.info(
             "clusterkit %s: wrote map v%d (%s: %d nodes, %d moves pending, %d committed, "
             "%d markers deleted)",

@@ -481,14 +481,20 @@ class _Planner:
             if not self.owned:
                 self.owned = self._owned()
             order = [p for p in self.owned[m] if m in members[p]]
-            order.sort(
-                key=lambda p: (
-                    self.prev_leader[p] == m,
-                    sum(zone[j] == zm for j in members[p]) < 2,
-                    rendezvous_score(node, p),
-                    p,
+            prev_leader = self.prev_leader
+            if self.zoned:
+                order.sort(
+                    key=lambda p: (
+                        prev_leader[p] == m,
+                        sum(zone[j] == zm for j in members[p]) < 2,
+                        rendezvous_score(node, p),
+                        p,
+                    )
                 )
-            )
+            else:
+                # Zoneless nodes are zones of their own: m is alone in its zone in every row
+                # (the second key above is always True), so the order is the same without it.
+                order.sort(key=lambda p: (prev_leader[p] == m, rendezvous_score(node, p), p))
             self.drop_order[m] = order
             self.drop_pos[m] = 0
         return order

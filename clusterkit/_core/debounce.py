@@ -15,11 +15,12 @@ Once a map with moves in flight is stored, joining replicas report ready in burs
 hooks finish. Every map the coordinator writes is decoded by every node and costs a
 revision, so commits are paced (:class:`CommitPacer`): when every announced replica is
 ready the rows commit at once (the common end of a join: one map); otherwise the first
-newly ready marker opens a window of ``commit_interval(P)`` and everything ready when it
-closes commits in one map. A join therefore costs the plan's map, one map per window while
-replicas trickle in, and the last one, whatever P is. The window grows with P (0.25 s up
-to P = 16384, then in proportion) so that the nodes' share of CPU spent decoding and
-applying commit maps stays bounded.
+newly ready marker opens a window and everything ready when it closes commits in one map.
+The first window is ``commit_interval(P)`` (0.25 s up to P = 16384, then in proportion, so
+that the nodes' CPU spent decoding and applying commit maps stays bounded) and it doubles
+after each partial commit of the same plan, up to 2 s. A join therefore costs the plan's
+map, a few partial commits while replicas trickle in (about log2 of the trickle's length in
+windows) and the last one, whatever P is.
 """
 
 from __future__ import annotations
@@ -82,19 +83,33 @@ class Debouncer:
 class CommitPacer:
     """When to commit the ready rows of a map with moves in flight.
 
+    The window doubles after every partial commit of the same plan, up to ``max_interval``:
+    a join whose markers trickle in for T seconds costs about log2(T / interval) + T /
+    max_interval partial commits, and the final one comes as soon as everything is ready.
+
     Attributes:
-        interval: the window between the first newly ready marker and the commit.
+        interval: the first window between a newly ready marker and the commit.
+        max_interval: the longest window.
         opened: when the current window opened (None: no window).
+        partials: partial commits since the last plan.
     """
 
     interval: float
+    max_interval: float = 2.0
     opened: float | None = None
+    partials: int = 0
+
+    def window(self) -> float:
+        """The current window: ``interval`` doubled per partial commit, capped."""
+        return min(
+            self.interval * (1 << min(self.partials, 16)), max(self.max_interval, self.interval)
+        )
 
     def observe(self, progressed: bool, complete: bool, now: float) -> float | None:
         """Record what a view says about readiness.
 
         Args:
-            progressed: markers changed since the last commit (something may be ready).
+            progressed: markers changed since the last look (something may be ready).
             complete: every announced joining replica is ready.
             now: the current time.
 
@@ -105,8 +120,15 @@ class CommitPacer:
             return now
         if progressed and self.opened is None:
             self.opened = now
-        return None if self.opened is None else self.opened + self.interval
+        return None if self.opened is None else self.opened + self.window()
 
-    def done(self) -> None:
-        """A commit was attempted (written, or nothing was ready after all)."""
+    def done(self, committed: bool) -> None:
+        """A commit was attempted; ``committed``: a map was written."""
         self.opened = None
+        if committed:
+            self.partials += 1
+
+    def restart(self) -> None:
+        """A new plan was written: its first window is ``interval`` again."""
+        self.opened = None
+        self.partials = 0

@@ -44,14 +44,23 @@ def test_commit_pacer_commits_at_once_when_everything_is_ready() -> None:
 
 
 def test_commit_pacer_batches_a_trickle_into_one_commit_per_window() -> None:
-    pacer = CommitPacer(interval=0.25)
+    pacer = CommitPacer(interval=0.25, max_interval=1.0)
     assert pacer.observe(progressed=True, complete=False, now=1.0) == 1.25
     # more markers inside the window do not move it
     assert pacer.observe(progressed=True, complete=False, now=1.1) == 1.25
     assert pacer.observe(progressed=False, complete=False, now=1.2) == 1.25
-    pacer.done()
+    pacer.done(committed=False)  # nothing was ready after all: the window stays 0.25 s
     assert pacer.observe(progressed=False, complete=False, now=1.3) is None
     assert pacer.observe(progressed=True, complete=False, now=1.4) == 1.65
+    # every partial commit doubles the next window, up to max_interval
+    windows = []
+    for _ in range(4):
+        pacer.done(committed=True)
+        windows.append(pacer.observe(progressed=True, complete=False, now=10.0))
+    assert windows == [10.5, 11.0, 11.0, 11.0]
+    assert pacer.observe(progressed=False, complete=True, now=10.1) == 10.1
+    pacer.restart()  # a new plan
+    assert pacer.observe(progressed=True, complete=False, now=20.0) == 20.25
 
 
 def test_commit_interval_grows_with_the_map() -> None:
