@@ -891,6 +891,7 @@ async def virtual_worker(n: int, p: int, interval: float) -> None:
             if at[1] is None:
                 nursery.cancel_scope.cancel()
                 return
+            phase = "idle"
             await trio.sleep(IDLE)
             phase = "join"
             old = observer.map
