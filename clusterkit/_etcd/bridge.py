@@ -18,10 +18,12 @@ The two threads talk through two queues, each with ONE wakeup per batch, not per
 - loop -> Trio: :meth:`AioBridge.post` does the same with the outbox and the Trio token's
   ``run_sync_soon``: a burst of completions wakes Trio once.
 
-Both queues have an urgent lane that is drained first: the lease channel's calls and its
-keepalive stream go there, and use their own HTTP/2 connection, so a keepalive is never queued
-behind bulk Txns or large range answers (neither in the bridge nor in a shared connection's
-flow-control window).
+Both queues have an urgent lane that is drained first (cancellations, and the lease lane).
+A client runs two bridges: one for KV, watch and everything else, and one for lease calls and
+the keepalive stream, whose channel is a connection of its own. So a keepalive is never queued
+behind bulk Txns or large range answers: not in a bridge's queues, not in the asyncio loop's
+FIFO of ready callbacks, and not in a shared HTTP/2 connection's flow-control window. (Both
+bridges still share the GIL and the Trio scheduler with everything else in the process.)
 
 Unary calls (:meth:`AioBridge.unary`): the Trio task parks in ``wait_task_rescheduled``; the
 loop runs the call as one asyncio task and posts its outcome. If the Trio task is cancelled, the

@@ -1,10 +1,10 @@
 """Connection settings for etcd and the gRPC channels built from them.
 
-Two grpc.aio channels per endpoint, created lazily on the bridge's loop (see bridge.py): the
-"main" lane for KV, watch and everything else, and the "lease" lane for lease calls and the
-keepalive stream. Each uses its own subchannel pool, hence its own TCP connection, so a
-keepalive never waits behind bulk traffic in a shared HTTP/2 connection. Calls go to the
-*current* endpoint; when it fails
+Two grpc.aio channels per endpoint, each created lazily on the loop of the bridge that uses it
+(see bridge.py): the "main" lane for KV, watch and everything else, and the "lease" lane for
+lease calls and the keepalive stream. Each uses its own subchannel pool, hence its own TCP
+connection, so a keepalive never waits behind bulk traffic in a shared HTTP/2 connection.
+Calls go to the *current* endpoint; when it fails
 with UNAVAILABLE the client moves on to the next one (round robin), so a cluster with one
 member down keeps serving. Channel options are tuned for etcd:
 

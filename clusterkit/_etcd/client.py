@@ -1,8 +1,9 @@
 """The typed async etcd v3 client that the rest of clusterkit (and apps) use.
 
-Every call runs on the client's :class:`AioBridge` (grpc.aio on one loop thread, batched Trio
-wakeups, real cancellation, a gRPC deadline on every call; lease calls on their own urgent
-lane and connection). Failures are translated by table into clusterkit errors. Failover:
+Every call runs on one of the client's two :class:`AioBridge` s (grpc.aio on a loop thread,
+batched Trio wakeups, real cancellation, a gRPC deadline on every call): lease calls and the
+keepalive stream on the lease bridge, with a connection of their own, everything else on the
+main one. Failures are translated by table into clusterkit errors. Failover:
 when the current endpoint is UNAVAILABLE the client moves to the next one; calls that are safe
 to repeat (reads, lease grant/keepalive/time-to-live, status, member list) are retried at once
 on the next endpoint, writes are not — the caller decides, because a write that timed out may
@@ -156,6 +157,7 @@ class EtcdClient:
         self.config = config
         self.endpoints = Endpoints(config)
         self.bridge = AioBridge()
+        self.lease_bridge = AioBridge("etcd-lease")
         self._token: str | None = None
         self._stale_stream_token: str | None = None
         self._auth_lock = trio.Lock()
@@ -174,6 +176,7 @@ class EtcdClient:
             **{f"watch_{k}": v for k, v in self._watches.statistics().items()},
             **{f"keepalive_{k}": v for k, v in self._keepalives.statistics().items()},
             **self.bridge.statistics(),
+            **{f"lease_{k}": v for k, v in self.lease_bridge.statistics().items()},
             "reauthentications": self.reauthentications,
         }
 
@@ -230,15 +233,16 @@ class EtcdClient:
         while True:
             endpoint: Endpoint = self.endpoints.current
             token = self._token
+            lease = service == "lease"
             try:
-                return await self.bridge.unary(
+                return await (self.lease_bridge if lease else self.bridge).unary(
                     endpoint,
                     service,
                     method,
                     request,
                     timeout=timeout,
                     metadata=self._metadata() if auth else None,
-                    lane="lease" if service == "lease" else "main",
+                    lane="lease" if lease else "main",
                 )
             except grpc.RpcError as exc:
                 error = translate(exc)
@@ -532,8 +536,9 @@ class EtcdClient:
         """Open the Watch and LeaseKeepAlive streams now and keep them for the client's life.
 
         The first watch and the first keepalive then need no stream set-up, and a broken
-        connection shows up at once. Streams add no thread (they are tasks on the bridge's
-        loop). ``open_etcd_client`` calls this once connected.
+        connection shows up at once. Streams add no thread (they are tasks on the bridges'
+        loops), so the client's threads are fixed from here on: its two bridge loops (plus
+        gRPC's one poller thread per process). ``open_etcd_client`` calls this once connected.
         """
         if not self._closed:
             self._watches.warm()
@@ -542,7 +547,7 @@ class EtcdClient:
     # -- lifetime ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close streams and channels and stop the bridge's thread. Idempotent."""
+        """Close streams and channels and stop the bridges' threads. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -550,6 +555,7 @@ class EtcdClient:
             await self._watches.aclose()
             await self._keepalives.aclose()
             await self.bridge.aclose()
+            await self.lease_bridge.aclose()
 
 
 @asynccontextmanager

@@ -14,9 +14,9 @@ the answer meant for it is discarded instead of being credited to a later reques
 would make the later caller believe its lease lives longer than it does. When the stream
 fails every waiter gets the translated error and the next keepalive opens a new stream.
 
-The stream runs on the bridge's urgent "lease" lane, on a connection of its own: its requests
-and answers are handled before any queued KV call, and never wait in a shared HTTP/2 connection
-behind large range answers or bursts of Txns.
+The stream runs on the client's lease bridge (its own loop thread) over a connection of its
+own: its requests and answers never wait behind queued KV calls, large range answers or bursts
+of Txns, in the bridge or in a shared HTTP/2 connection.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class LeaseKeepAliveHub:
                 self._stream_failed(stream, endpoint, error)
 
             stream = BidiStream(
-                self._client.bridge,
+                self._client.lease_bridge,
                 endpoint,
                 "lease",
                 "LeaseKeepAlive",
