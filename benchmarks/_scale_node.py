@@ -11,11 +11,12 @@ Every line on stdout is one JSON object, flushed at once; ``t`` is wall-clock ``
 - ``{"ev": "loaded"}``: imports done; with ``--wait-go`` the node joins only after a ``go``
   line on stdin (so the benchmark can time a join without the interpreter's start-up).
 - ``{"ev": "joined"}``: ``open_cluster`` is entered (the node is registered and has a view).
-- ``{"ev": "report", ...}`` every ``--report-interval`` seconds, in answer to a command, and
-  once more at exit (``"final": true``). Fields: ``cpu`` (``time.process_time()``: user +
-  system of every thread of the process, so the gRPC threads count), ``leads`` (partitions
-  for which ``is_leader`` is true), ``lag_max`` / ``lag_p99`` (Trio run-loop lag in the
-  current window: a probe task sleeps 10 ms and records by how much it overslept),
+- ``{"ev": "report", ...}`` every ``--report-interval`` seconds (also before joining), in
+  answer to a command, and once more at exit (``"final": true``). Fields: ``cpu``
+  (``time.process_time()``: user + system of every thread of the process, so the gRPC
+  threads count), ``leads`` (partitions for which ``is_leader`` is true), ``lag_max`` /
+  ``lag_p99`` (Trio run-loop lag in the current window: a probe task sleeps 10 ms and
+  records by how much it overslept),
   ``lag_max_all`` (since start), ``sessions_lost``, ``keepalive_delay`` and ``library_lag``
   (the library's own ``max_keepalive_delay`` / ``max_loop_lag`` statistics, in seconds or
   ``_ms``, wherever an actor reports them, else null) and ``stats`` (``ck.statistics()``).
@@ -193,15 +194,14 @@ async def main(args: argparse.Namespace) -> None:
             outer.start_soon(until_signal)
             outer.start_soon(node.probe.run)
             outer.start_soon(commands, node, go, body)
+            outer.start_soon(node.reporter, args.report_interval)
             emit({"ev": "loaded", "node": args.id})
             with body, trio.move_on_after(args.max_seconds):
                 await go.wait()
                 async with clusterkit.open_cluster(config) as ck:
                     node.ck = ck
                     emit({"ev": "joined", "node": args.id})
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(node.reporter, args.report_interval)
-                        await trio.sleep_forever()
+                    await trio.sleep_forever()
             node.report(final=True)
             node.ck = None
             emit({"ev": "exit", "node": args.id})

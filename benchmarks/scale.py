@@ -32,7 +32,8 @@ Columns (join columns are over the join window):
 - revisions: distinct etcd revisions under the prefix in the join window (a Txn is one
   revision however many keys it writes), against the issue's budget 20 + moved/32 where
   moved = ``count_moves(map before, map after)`` (replicas that land on a new node; for an
-  unsettled cell the latest map's pending rows count as the target). The second table
+  unsettled cell the latest map's pending rows count as the target, and when no map was
+  written at all, ``minimum_moves`` of the old map onto N+1 nodes stands in). The second table
   breaks them down by key kind (``+`` put, ``-`` delete; "a/b" = a revisions carrying b
   events when a Txn wrote several keys of the kind).
 - CPU: ``time.process_time()`` of each node process over the join window (all its threads);
@@ -98,7 +99,7 @@ import trio
 import trio.testing
 
 import clusterkit
-from clusterkit._core.assignment import count_leader_changes, count_moves
+from clusterkit._core.assignment import count_leader_changes, count_moves, minimum_moves
 from clusterkit._core.keys import KeyLayout
 from clusterkit._core.records import MapRecord, RecordError, decode_map
 from clusterkit._etcd.types import EventType, KeyValue, WatchBatch
@@ -584,6 +585,7 @@ class Cell:
     join_window: Window | None = None
     moved_replicas: int | None = None
     moved_leaders: int | None = None
+    moved_minimum: bool = False  # no new map: moved_replicas is minimum_moves(old, N+1 nodes)
     cpu_existing: list[float] = field(default_factory=list)
     cpu_joiner: float | None = None
     stale_reports: int = 0
@@ -659,7 +661,7 @@ async def run_cell(
                 nursery.cancel_scope.cancel()
     except* (clusterkit.ClusterKitError, OSError) as group:  # the mirror's watch failed
         cell.error = f"watch: {group.exceptions[0]!r}"[:500]
-    cell.final_progress = observer.progress()
+    cell.final_progress = cell.final_progress or observer.progress()
     cell.load_after = os.getloadavg()[0]
     cell.decode_max_s = max(observer.decode_seconds, default=0.0)
     for proc in procs:
@@ -699,6 +701,7 @@ async def _measure(
         reports = await request_all(existing, "report")
         cell.cold_sessions_lost = sum(_lost(r) or 0 for r in reports.values())
         cell.error = "cold start did not settle: no join measured"
+        cell.final_progress = observer.progress()
         return
 
     # 2. idle
@@ -736,10 +739,16 @@ async def _measure(
     cell.join_map_s = None if committed.at is None else committed.at - t1
     cell.join_settle_s = None if settled_at is None else settled_at - t1
     cell.join_window = observer.window(join, end)
+    cell.final_progress = observer.progress()
     target = observer.target()
-    if target is not None:
+    if target is not None and observer.map is not old:
         cell.moved_replicas = count_moves(old.as_assignment(), target)
         cell.moved_leaders = count_leader_changes(old.as_assignment(), target)
+    else:  # no map was written for the join: the least it has to move
+        cell.moved_minimum = True
+        cell.moved_replicas = minimum_moves(
+            old.as_assignment(), sorted(everyone), cell.partitions, R
+        )
     lost = 0
     delays: list[tuple[float, float | None]] = []  # (at the end, at the mark)
     library_lags: list[tuple[float, float | None]] = []
@@ -1118,7 +1127,7 @@ def report(cells: Sequence[Cell], runs: Sequence[VirtualRun], etcd_version: str)
                         if w is not None and c.moved_replicas is not None
                         else (str(w.revisions) if w is not None else "-")
                     ),
-                    f"{c.moved_replicas} / {c.moved_leaders}" if joined else "-",
+                    _moved(c) if joined else "-",
                     (
                         f"{max(c.cpu_existing):.2f} / {statistics.mean(c.cpu_existing):.2f}"
                         if c.cpu_existing
@@ -1146,6 +1155,12 @@ def report(cells: Sequence[Cell], runs: Sequence[VirtualRun], etcd_version: str)
         _notes(cells)
     if runs:
         _virtual_table(runs)
+
+
+def _moved(c: Cell) -> str:
+    if c.moved_minimum:
+        return f"no new map (min {c.moved_replicas})"
+    return f"{c.moved_replicas} / {c.moved_leaders}"
 
 
 def _losses(c: Cell) -> list[str]:
@@ -1229,8 +1244,8 @@ def _notes(cells: Sequence[Cell]) -> None:
         parts.append(f"{c.log_warnings} warning/error log lines;")
         parts.append(f"load average {c.load_before:.1f} before, {c.load_after:.1f} after")
         print(" ".join(parts))
-        if c.join_settle_s is None and c.join_window is not None:
-            print(f"  not settled: {c.final_progress}")
+        if c.join_settle_s is None or c.cold_leaders_s is None:
+            print(f"  not settled, at the cap: {c.final_progress}")
         if c.error:
             print(f"  {c.error}")
         for ex in c.log_examples[:2]:
