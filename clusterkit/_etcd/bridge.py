@@ -526,7 +526,6 @@ class BidiStream:
         self._writes: asyncio.Queue[Any] | None = None
         self._credit_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: list[Any] = []  # requests sent before the loop opened the call
         bridge.submit(self._open, urgent=self._urgent)
 
     @property
@@ -549,11 +548,9 @@ class BidiStream:
     # -- loop thread ----------------------------------------------------------------------
 
     def _open(self) -> None:
+        # Sends are submitted after this on the same lane, so they find the queue.
         self._writes = asyncio.Queue()
         self._credit_event = asyncio.Event()
-        for request in self._pending:
-            self._writes.put_nowait(request)
-        self._pending.clear()
         if self._closing:
             self._post_end(None)
             return
@@ -567,9 +564,7 @@ class BidiStream:
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
 
     def _enqueue(self, request: Any) -> None:
-        if self._writes is None:
-            self._pending.append(request)
-        else:
+        if self._writes is not None:  # None: the stream has ended
             self._writes.put_nowait(request)
 
     def _unstarve(self) -> None:
