@@ -614,10 +614,13 @@ class BidiStream:
         self._bridge.post(lambda: self._end(error), urgent=self._urgent)
 
     def _close_on_loop(self) -> None:
-        # The reader sees CancelledError and posts the end. Without a call, either _open has
-        # not run yet (it will see _closing and post the end) or it failed and posted it.
+        # The reader (reading, or waiting for credits) sees CancelledError and posts the end.
+        # Without a call, either _open has not run yet (it will see _closing and post the end)
+        # or it failed and posted it.
         if self._call is not None:
             self._call.cancel()
+            for task in self._tasks:
+                task.cancel()
 
     # -- Trio thread ----------------------------------------------------------------------
 

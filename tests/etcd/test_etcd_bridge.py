@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Any
 
 import pytest
 import trio
 
 import clusterkit
-from clusterkit._etcd.bridge import AioBridge
+from clusterkit._etcd.bridge import AioBridge, BidiStream
 from clusterkit._etcd.channel import Endpoint
+from clusterkit._etcd.pb.etcdserverpb import rpc_pb2
+from clusterkit._etcd.types import prefix_end
 
 
 async def test_a_burst_of_completions_wakes_trio_once() -> None:
@@ -109,3 +112,59 @@ async def test_many_concurrent_calls_share_wakeups(
         assert after["rpc_started"] - before["rpc_started"] == 200
         assert after["rpc_in_flight"] == 0
         assert after["bridge_wakeups"] - before["bridge_wakeups"] <= 200
+
+
+async def test_a_stream_stops_reading_when_its_credits_are_spent(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    """Flow control: with 2 credits the reader stops after 2 unreleased responses (etcd then
+    holds the rest), and goes on once they are released."""
+    async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+        for i in range(5):
+            await client.put(f"{prefix}{i}", "v")
+        got: list[Any] = []
+        ended: list[BaseException | None] = []
+        stream = BidiStream(
+            client.bridge,
+            client.endpoints.current,
+            "watch",
+            "Watch",
+            metadata=(),
+            on_response=got.append,
+            on_error=ended.append,
+            credits=2,
+        )
+        try:
+            key = prefix.encode()
+            for i in range(4):  # four watches from revision 1: four answers, then events
+                create = rpc_pb2.WatchCreateRequest(
+                    key=key, range_end=prefix_end(key), start_revision=1, watch_id=i + 1
+                )
+                stream.send(rpc_pb2.WatchRequest(create_request=create))
+            with trio.fail_after(5):
+                while not (stream._starved and len(got) == 2):
+                    await trio.sleep(0.01)
+            assert len(got) == 2 and not ended
+            stream.release(2)
+            with trio.fail_after(5):
+                while len(got) < 4:
+                    await trio.sleep(0.01)
+            assert not ended
+        finally:
+            await stream.aclose()
+        assert ended == [None]  # closed by us
+
+
+async def test_lease_calls_run_on_the_lease_bridge(etcd: clusterkit.EmbeddedEtcd) -> None:
+    async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+        before = client.statistics()
+        lease = await client.lease_grant(10)
+        await client.lease_keepalive(lease.id)
+        await client.lease_time_to_live(lease.id)
+        await client.lease_revoke(lease.id)
+        after = client.statistics()
+        assert after["lease_rpc_started"] - before["lease_rpc_started"] == 3
+        assert after["rpc_started"] == before["rpc_started"]
+        assert after["lease_bridge_wakeups"] > before["lease_bridge_wakeups"]
+        names = {t.name for t in threading.enumerate()}
+        assert {"clusterkit-etcd-aio", "clusterkit-etcd-lease-aio"} <= names
