@@ -3,7 +3,7 @@
 Run::
 
     python benchmarks/scale.py                      # the whole grid, then the virtual runs
-    python benchmarks/scale.py --quick              # 3x256 and 3x1024 only
+    python benchmarks/scale.py --quick              # 3x256 and 3x1024; virtual 16,4096 only
     python benchmarks/scale.py --cells 4x4096 --no-virtual --json out.json
     python benchmarks/scale.py --cells none --virtual 16,4096   # virtual time only
 
@@ -60,7 +60,8 @@ other work on the machine counts too. The notes print etcd's and this process's 
 each join window.
 
 Virtual time: ``--virtual "N,P;N,P"`` (default ``64,65536;16,4096``: the small one gives a
-number even when the big one is too slow; ``none`` or ``--no-virtual`` skips) runs one process
+number even when the big one is too slow; ``16,4096`` with ``--quick``; ``none`` or
+``--no-virtual`` skips) runs one process
 with
 ``clusterkit.testing.open_test_cluster`` (in-memory etcd, MockClock with autojump): N nodes
 cold start, then one join, with the same mirror watching the in-memory etcd and an overlap
@@ -107,6 +108,7 @@ from clusterkit._etcd.types import EventType, KeyValue, WatchBatch
 GRID = ((3, 256), (3, 1024), (5, 1024), (4, 4096), (8, 4096), (8, 16384))
 QUICK = ((3, 256), (3, 1024))
 VIRTUAL = ((64, 65536), (16, 4096))
+QUICK_VIRTUAL = ((16, 4096),)
 R = 3
 TTL = 5.0
 DELAY = 0.5
@@ -1342,6 +1344,8 @@ def parse_virtual(text: str) -> list[tuple[int, int]]:
 
 async def main(args: argparse.Namespace) -> None:
     cells_wanted = list(QUICK) if args.quick else parse_cells(args.cells)
+    if args.virtual is None:
+        args.virtual = ";".join(f"{n},{p}" for n, p in (QUICK_VIRTUAL if args.quick else VIRTUAL))
     virtual_wanted = [] if args.no_virtual else parse_virtual(args.virtual)
     cells: list[Cell] = []
     runs: list[VirtualRun] = []
@@ -1395,19 +1399,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     grid = ",".join(f"{n}x{p}" for n, p in GRID)
     parser.add_argument("--cells", default=grid, help=f"NxP,... or none (default {grid})")
-    parser.add_argument("--quick", action="store_true", help="only 3x256 and 3x1024")
+    parser.add_argument("--quick", action="store_true", help="3x256, 3x1024; virtual 16,4096")
     parser.add_argument("--json", help="also write the raw numbers to this file")
     parser.add_argument("--logs", help="keep the node processes' stderr logs in this directory")
     default_virtual = ";".join(f"{n},{p}" for n, p in VIRTUAL)
+    quick_virtual = ";".join(f"{n},{p}" for n, p in QUICK_VIRTUAL)
     parser.add_argument(
-        "--virtual", default=default_virtual, help=f"N,P;N,P or none (default {default_virtual})"
+        "--virtual",
+        help=f"N,P;N,P or none (default {default_virtual}; with --quick {quick_virtual})",
     )
     parser.add_argument("--no-virtual", action="store_true", help="skip the virtual-time runs")
     parser.add_argument(
         "--virtual-timeout", type=float, default=300.0, help="wall-clock seconds per virtual run"
     )
     parser.add_argument(
-        "--virtual-sample", type=float, default=0.05, help="overlap sampling interval (virtual s)"
+        "--virtual-sample", type=float, default=0.01, help="overlap sampling interval (virtual s)"
     )
     parser.add_argument(
         "--virtual-memory-gb", type=float, default=6.0, help="address-space cap per virtual run"
