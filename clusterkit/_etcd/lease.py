@@ -28,9 +28,9 @@ import grpc
 import trio
 
 from .._errors import EtcdError, EtcdTimeout, EtcdUnavailable, InvalidAuthToken, LeaseNotFound
-from .bridge import BidiStream
 from .pb.etcdserverpb import rpc_pb2
 from .status import translate
+from .stream import BidiStream
 from .types import KeepAlive
 
 if TYPE_CHECKING:

@@ -42,9 +42,9 @@ from .._errors import (
     RevisionCompacted,
     WatchOverflow,
 )
-from .bridge import BidiStream
 from .pb.etcdserverpb import rpc_pb2
 from .status import BY_MESSAGE, translate
+from .stream import BidiStream
 from .types import Event, EventType, KeyValue, WatchBatch
 
 if TYPE_CHECKING:

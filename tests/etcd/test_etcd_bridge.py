@@ -10,9 +10,10 @@ import pytest
 import trio
 
 import clusterkit
-from clusterkit._etcd.bridge import AioBridge, BidiStream
+from clusterkit._etcd.bridge import AioBridge
 from clusterkit._etcd.channel import Endpoint
 from clusterkit._etcd.pb.etcdserverpb import rpc_pb2
+from clusterkit._etcd.stream import BidiStream
 from clusterkit._etcd.types import prefix_end
 
 
