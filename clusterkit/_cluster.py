@@ -19,8 +19,10 @@ from functools import partial
 import mmh3
 import trio
 
+from ._actors.batcher import EtcdBatcher
 from ._actors.cell import Latest
 from ._actors.events import EventHub, EventStream
+from ._actors.liveness import LivenessProbe
 from ._actors.membership import Drain, Leave, MembershipActor, MembershipMessage, Session
 from ._actors.partitions import Leadership, PartitionContext, PartitionSupervisor
 from ._actors.rebalancer import RebalancerActor
@@ -88,7 +90,7 @@ class ClusterKit:
         self._left = False
         self._actors: list[object] = []
         self._mmh3 = mmh3.hash
-        self._mine_view: ClusterView | None = None
+        self._mine_rows: tuple[tuple[Node, ...], ...] | None = None
         self._mine: frozenset[int] = frozenset()
         self._leadership = leadership
         self._events = events
@@ -141,13 +143,13 @@ class ClusterKit:
 
     def is_replica(self, partition: int) -> bool:
         """True when this node is one of ``partition``'s replicas in the current map."""
-        view = self._views.value
-        if view is not self._mine_view:
+        rows = self._views.value.replica_nodes
+        if rows is not self._mine_rows:
             me = self.node_id
             self._mine = frozenset(
-                pt for pt, row in enumerate(view.replica_nodes) if any(n.id == me for n in row)
+                pt for pt, row in enumerate(rows) if any(n.id == me for n in row)
             )
-            self._mine_view = view
+            self._mine_rows = rows
         if not 0 <= partition < self._partitions:
             raise ValueError(f"partition {partition} is not in range({self._partitions})")
         return partition in self._mine
@@ -469,12 +471,14 @@ async def _open_node(
                 )
                 node = _node_record(config, peers.address)
                 membership = MembershipActor(etcd, config, layout, node, session, receive)
+                liveness = LivenessProbe()
+                await nursery.start(liveness.run)
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
                 partitions = PartitionSupervisor(
                     PartitionContext(
                         config=config,
-                        client=etcd,
+                        batcher=EtcdBatcher(etcd),
                         layout=layout,
                         node_id=config.node_id,
                         session=session,
@@ -487,6 +491,7 @@ async def _open_node(
                         start_revision=views.value.revision,
                     ),
                     views,
+                    watcher.take_changes,
                 )
                 await nursery.start(rebalancer.run)
                 await nursery.start(partitions.run)
@@ -504,7 +509,7 @@ async def _open_node(
                 )
                 ck.peers = peers
                 ck.migration = migration
-                ck._actors = [membership, watcher, rebalancer, partitions]
+                ck._actors = [membership, watcher, rebalancer, partitions, liveness]
                 ck._supervisor = partitions
                 if config.metrics_port is not None:
                     host = config.bind_addr or config.advertise_addr

@@ -25,7 +25,17 @@ MAX_REQUEST = 8192
 READ_TIMEOUT = 5.0
 
 # statistics that go up and down; every other statistic only ever grows (a counter)
-_GAUGES = {"revision", "coordinator", "partitions", "serving"}
+_GAUGES = {
+    "revision",
+    "coordinator",
+    "partitions",
+    "serving",
+    "running",
+    "max_loop_lag_ms",
+    "recent_loop_lag_ms",
+    "max_keepalive_delay_ms",
+    "max_keepalive_rtt_ms",
+}
 
 
 class NodeCollector(Collector):

@@ -180,6 +180,11 @@ async def test_a_node_that_rejoins_resyncs_every_partition_before_leading_again(
         version = a.ck.view.map.version if a.ck.view.map else None
         led_before = {pt for pt in range(P) if a.ck.is_leader(pt)}
         assert led_before  # a is the preferred replica of some partitions
+        # is_leader turns true before on_leader_elected runs (hooks queue on
+        # hook_concurrency): let every election's hook run before the log is cleared.
+        with trio.fail_after(60):
+            while not led_before <= {pt for kind, pt, _ in log if kind == "elected"}:
+                await trio.sleep(0.01)
         log.clear()
 
         a.cut()

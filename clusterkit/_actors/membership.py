@@ -95,6 +95,10 @@ class MembershipActor:
         self.joins = 0
         self.sessions_lost = 0
         self.keepalives = 0
+        # How late keepalives left compared with their schedule, and their round trips:
+        # a session is lost when these approach the TTL (seconds).
+        self.max_keepalive_delay = 0.0
+        self.max_keepalive_rtt = 0.0
         self.left = False
 
     def __repr__(self) -> str:
@@ -107,6 +111,8 @@ class MembershipActor:
             "joins": self.joins,
             "sessions_lost": self.sessions_lost,
             "keepalives": self.keepalives,
+            "max_keepalive_delay_ms": round(self.max_keepalive_delay * 1000),
+            "max_keepalive_rtt_ms": round(self.max_keepalive_rtt * 1000),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -225,6 +231,7 @@ class MembershipActor:
                     return
                 continue
             now = trio.current_time()
+            beat = min(next_beat, now)
             if now >= session.deadline:
                 self._log.warning(
                     "clusterkit %s: lease %x deadline passed without a keepalive answer",
@@ -238,6 +245,10 @@ class MembershipActor:
                         session.lease_id, timeout=max(0.05, session.deadline - now)
                     )
                     self.keepalives += 1
+                    self.max_keepalive_delay = max(self.max_keepalive_delay, ka.sent_at - beat)
+                    self.max_keepalive_rtt = max(
+                        self.max_keepalive_rtt, trio.current_time() - ka.sent_at
+                    )
                     deadline = max(session.deadline, ka.sent_at + ka.ttl)
                     self.session.set(replace(session, ttl=ka.ttl, deadline=deadline))
                     next_beat = now + interval

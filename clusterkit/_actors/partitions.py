@@ -1,520 +1,172 @@
-"""Partition actors: per partition, the app's hooks in order, readiness, and leadership.
+"""The partition reconciler: turns what changed in the views into per-partition steps.
 
 Theory of operation
 -------------------
-The :class:`PartitionSupervisor` watches the views and starts one :class:`PartitionActor` for
-every partition in which this node has a role (joining or replica). It pokes an actor (by
-setting its own view cell) only when something about that partition changed, so a node with
-thousands of partitions does not wake thousands of tasks per view.
+A node may play a part in thousands of partitions, but a view change touches few of them.
+The :class:`PartitionSupervisor` is one actor that keeps a :class:`PartitionState` (plain
+data, no task) for every partition in which this node has a role or still leads, and steps
+exactly the partitions that need it:
 
-A partition actor does everything for its partition *sequentially*, which is what makes the
-hook grammar hold (``assigned -> (leader_elected -> leader_lost)* -> unassigned``, never
-overlapping for one partition):
+- the partitions the watcher reports as changed (leader key or ready marker events, taken
+  from :meth:`WatcherActor.take_changes` — O(events), never a diff over P);
+- when the map changes, the rows that differ between the old and the new map (one O(P)
+  comparison per map version, not per view);
+- when a node's record changes (join, leave, drain), the partitions of this node whose
+  replicas or pending replicas name that node (an index built once per map version);
+- every partition when the session generation changes (a rejoin re-syncs everything);
+- every partition this node leads when the session's fence (its local lease deadline minus
+  the margin) passes: one node-wide timer instead of one per leader — ``is_leader`` compares
+  the clock itself, the step only runs ``on_leader_lost`` and the resign;
+- partitions whose own timer is due (campaign stagger, handover backoff, retries), from one
+  heap.
 
-1. Hooks: :func:`~clusterkit._core.hookplan.transition` turns role changes into calls.
-   ``on_partition_assigned`` is retried with backoff until it succeeds (or the role goes
-   away); the other hooks are logged and counted when they raise.
-2. Readiness: a joining replica whose assigned hook returned writes ``P/ready/<pt>/<id>``
-   under its session lease (again after every rejoin: the marker dies with the lease). The
-   coordinator commits the move only when every joining replica is ready.
-3. Leadership, for committed replicas whose assigned hook completed. The preferred replica
-   (first in the row) campaigns at once when there is no leader key; replica k waits
-   ``k x stagger`` first, and only campaigns if there is still none. A campaign is a Txn that
-   creates ``P/leaders/<pt>`` under the session lease; the key's create_revision is the
-   fencing epoch. The win is confirmed by reading the key back before ``is_leader`` turns
-   true and ``on_leader_elected`` runs.
-   A leader steps down — ``is_leader`` false first, then ``on_leader_lost``, then (if etcd
-   can still be reached) a Txn that deletes the key only if its create_revision is still our
-   epoch — when its session's local deadline minus a margin passes (self-fencing: before
-   etcd can expire the lease and let another node win), when the key is gone or someone
-   else's, when it is no longer a replica, and, gracefully, when the preferred replica is
-   alive again (preferred-leader balance).
+A step runs in a short-lived task, at most one per partition at a time (a partition marked
+again while its step runs is stepped again right after), so hooks of one partition never
+overlap and different partitions run concurrently up to ``hook_concurrency``. A node at rest
+has no task per partition and does no work per partition: its idle cost does not grow with
+the partitions it holds. All etcd writes of the steps go through one
+:class:`~clusterkit._actors.batcher.EtcdBatcher`, so a join's campaigns, ready markers and
+resigns cost a few Txns, not one per partition.
 """
 
 from __future__ import annotations
 
-import inspect
+import heapq
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 import trio
 
-from .._config import Config
-from .._core.hookplan import HookCall, Role, Track, leadership, role_of, transition
-from .._core.keys import KeyLayout
-from .._core.records import Node
-from .._core.view import EMPTY_VIEW, ClusterView
-from .._errors import EtcdError
-from .._etcd.client import EtcdClient
-from .._etcd.types import Compare, KeyValue, Op, RangeResult
-from .._events import (
-    ClusterEvent,
-    LeaderElected,
-    LeaderLost,
-    PartitionAssigned,
-    PartitionUnassigned,
-    ReplicaAdded,
-    ReplicaRemoved,
+from .._core.hookplan import Role, role_of
+from .._core.records import MapRecord
+from .._core.view import EMPTY_VIEW, Changes, ClusterView
+from .batcher import EtcdBatcher
+from .cell import Latest
+from .partition_state import (
+    HANDOVER_BACKOFF,
+    LOST_HOOK_TIMEOUT,
+    PREFERRED_GRACE,
+    RETRY_MAX,
+    RETRY_MIN,
+    STAGGER,
+    Leadership,
+    PartitionContext,
+    PartitionState,
 )
-from .cell import Latest, wait_first
-from .membership import Session
 
-STAGGER = 0.05  # seconds per rank before a non-preferred replica campaigns
-PREFERRED_GRACE = 1.0  # extra wait while the preferred replica is registered
-LOST_HOOK_TIMEOUT = 5.0  # bound on on_leader_lost when the node leaves
-HANDOVER_BACKOFF = 0.25  # seconds; doubles with each handover the preferred did not take
-RETRY_MIN, RETRY_MAX = 0.1, 5.0
-
-
-@dataclass
-class Leadership:
-    """What the node leads right now; read by ``ClusterKit.is_leader`` on every call."""
-
-    epochs: dict[int, int] = field(default_factory=dict)
-    # The session generation each leadership was won under: a leadership never outlives
-    # its session, even for the moment between a rejoin and the actor noticing it.
-    generations: dict[int, int] = field(default_factory=dict)
-    scopes: dict[int, set[trio.CancelScope]] = field(default_factory=dict)
-
-    def end(self, partition: int) -> int | None:
-        self.generations.pop(partition, None)
-        epoch = self.epochs.pop(partition, None)
-        for scope in self.scopes.pop(partition, set()):
-            scope.cancel()
-        return epoch
-
-
-@dataclass
-class PartitionContext:
-    """What every partition actor of a node shares (read-only for them, but the counters)."""
-
-    config: Config
-    client: EtcdClient
-    layout: KeyLayout
-    node_id: str
-    session: Latest[Session | None]
-    leadership: Leadership
-    limiter: trio.CapacityLimiter
-    emit: Callable[[ClusterEvent], None]
-    margin: float
-    counters: dict[str, int] = field(default_factory=dict)
-    # The session's generation (-1: none). Unlike ``session``, it does not change on every
-    # keepalive, so partition actors are not all woken once per heartbeat.
-    session_gen: Latest[int] = field(default_factory=lambda: Latest(-1, "session generation"))
-    # The revision of this process's first view. A committed role in a map written before
-    # it was given to an earlier incarnation of this node id (a restart within the
-    # rebalance delay): its data may be gone or stale, so the assigned hook is told to pull
-    # from a live replica, as for a re-sync.
-    start_revision: int = 0
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
-
-
-def _node(view: ClusterView, node_id: str | None) -> Node | None:
-    if node_id is None:
-        return None
-    return view.nodes.get(node_id) or view.departed.get(node_id) or Node(node_id, "", state="gone")
-
-
-def _previous_owner(
-    view: ClusterView, pt: int, me: str, role: Role, *, resync: bool = False
-) -> str | None:
-    """Who holds the data: the leader, else (for a joining replica, or a replica re-syncing
-    after a rejoin) a live committed one.
-
-    A replica committed at once (cold start, or every old replica gone) has nobody to pull
-    from unless a leader exists: None.
-    """
-    owner = view.leaders.get(pt)
-    if owner is not None and owner.node_id != me and owner.node_id in view.nodes:
-        return owner.node_id
-    if view.map is None or (role is not Role.JOINING and not resync):
-        return None
-    for n in view.map.replicas[pt]:
-        if n != me and n in view.nodes:
-            return n
-    return None
-
-
-def _new_owner(view: ClusterView, pt: int, me: str) -> str | None:
-    if view.map is None:
-        return None
-    row = view.map.pending.get(pt) or view.map.replicas[pt]
-    return next((n for n in row if n != me), None)
-
-
-class PartitionActor:
-    """Hooks, readiness and leadership of one partition on this node."""
-
-    def __init__(self, pt: int, ctx: PartitionContext, views: Latest[ClusterView]) -> None:
-        self.pt = pt
-        self._ctx = ctx
-        self._views = views
-        self._track = Track()
-        self._epoch: int | None = None
-        self._ready_generation = -1
-        # The session generation under which on_partition_assigned last completed: the
-        # partition's data is known current only within that session (see _resync).
-        self._synced_generation: int | None = None
-        self._no_leader_since: float | None = None
-        self._abandoned: set[int] = set()  # epochs this actor stepped down from
-        self._handovers = 0
-        self._handover_after = 0.0
-        self._me = ctx.node_id
-        self._key = ctx.layout.leader(pt)
-
-    def __repr__(self) -> str:
-        return f"<PartitionActor {self.pt} {self._track.role.value} epoch={self._epoch}>"
-
-    async def run(self) -> None:
-        version = -1
-        try:
-            while True:
-                # Both versions are taken before the step, so a change during it (hooks and
-                # etcd calls await) wakes the next wait at once instead of being missed.
-                view, version = self._views.value, self._views.version
-                gen_version = self._ctx.session_gen.version
-                wake = await self._step(view)
-                if self._track.role is Role.NONE and self._epoch is None:
-                    return
-                with trio.move_on_at(wake if wake is not None else float("inf")):
-                    await wait_first(
-                        partial(self._views.wait_newer, version),
-                        partial(self._ctx.session_gen.wait_newer, gen_version),
-                    )
-        finally:
-            if self._epoch is not None:
-                # Stopped while leading (the node leaves): the app hears on_leader_lost before
-                # the session is revoked and a successor can win.
-                epoch, self._epoch = self._epoch, None
-                self._ctx.leadership.end(self.pt)
-                with trio.CancelScope(shield=True), trio.move_on_after(LOST_HOOK_TIMEOUT):
-                    await self._run_hook("on_leader_lost", (self.pt,), LeaderLost(self.pt, epoch))
-
-    async def _step(self, view: ClusterView) -> float | None:
-        pt, me = self.pt, self._me
-        role = role_of(view.map, pt, me)
-        if role is not Role.REPLICA and self._epoch is not None:
-            await self._step_down(view, resign=True)  # only committed replicas lead
-        row = view.map.replicas[pt] if view.map is not None else ()
-        self._track, calls = transition(
-            self._track,
-            role,
-            [n for n in row if n != me],
-            partition=pt,
-            previous_owner=_previous_owner(view, pt, me, role),
-            new_owner=_new_owner(view, pt, me),
-        )
-        for call in calls:
-            if call.hook == "assigned":
-                if not await self._assigned(call, view):
-                    self._track = Track()  # role went away before the hook succeeded
-                    return None
-            else:
-                await self._call(call, view)
-        if self._track.assigned and not await self._resync(view):
-            return None
-        if role is Role.JOINING:
-            return await self._mark_ready()
-        if role is Role.REPLICA and view.map is not None:
-            return await self._lead(view, row)
-        return None
-
-    # -- hooks ---------------------------------------------------------------------------
-
-    async def _resync(self, view: ClusterView) -> bool:
-        """After a rejoin, run on_partition_assigned again before leading or reporting ready.
-
-        While this node had no session, the cluster counted it dead: its lease expired, and
-        the other replicas may have elected a leader and taken writes it never saw — yet the
-        map may still list it (it rejoined within the rebalance delay). Its data is only
-        known current within the session the assigned hook last completed under, so a new
-        session means pulling again (from the leader, or a live replica) first. False if
-        the role went away before the hook succeeded.
-        """
-        generation = self._ctx.session_gen.value
-        if generation < 0 or self._synced_generation in (None, generation):
-            return True  # no session yet, or already current under this one
-        if self._epoch is not None:
-            await self._step_down(view, resign=False)  # won under the lost session's lease
-        self._ctx.count("resyncs")
-        if not await self._assigned(HookCall("assigned", self.pt, None), view, resync=True):
-            self._track = Track()
-            return False
-        return True
-
-    async def _assigned(self, call: HookCall, view: ClusterView, *, resync: bool = False) -> bool:
-        """Run on_partition_assigned until it succeeds; False if the role went away first.
-
-        Every retry asks the newest view who to pull from: the previous owner may have died.
-        """
-        backoff = RETRY_MIN
-        while True:
-            role = role_of(view.map, self.pt, self._me)
-            generation = self._ctx.session_gen.value
-            inherited = view.map is not None and view.map_revision <= self._ctx.start_revision
-            owner = _previous_owner(view, self.pt, self._me, role, resync=resync or inherited)
-            call = HookCall(call.hook, self.pt, owner)
-            if await self._call(call, view, resync=resync):
-                self._synced_generation = generation
-                return True
-            with trio.move_on_after(backoff):
-                await self._views.wait_for(lambda v: role_of(v.map, self.pt, self._me) is Role.NONE)
-                return False
-            view = self._views.value
-            backoff = min(backoff * 2, RETRY_MAX)
-
-    async def _call(self, call: HookCall, view: ClusterView, *, resync: bool = False) -> bool:
-        pt = call.partition
-        event: ClusterEvent
-        match call.hook:
-            case "assigned":
-                event = PartitionAssigned(pt, _node(view, call.node), resync=resync)
-                args: tuple[Any, ...] = (pt, event.previous_owner)
-            case "unassigned":
-                event = PartitionUnassigned(pt, _node(view, call.node))
-                args = (pt, event.new_owner)
-            case "replica_added":
-                node = _node(view, call.node)
-                assert node is not None
-                event, args = ReplicaAdded(pt, node), (pt, node)
-            case "replica_removed":
-                node = _node(view, call.node)
-                assert node is not None
-                event, args = ReplicaRemoved(pt, node), (pt, node)
-            case _:
-                raise AssertionError(call)
-        return await self._run_hook(f"on_{_HOOK_NAMES[call.hook]}", args, event)
-
-    async def _run_hook(self, name: str, args: tuple[Any, ...], event: ClusterEvent) -> bool:
-        ctx = self._ctx
-        hook = getattr(ctx.config, name)
-        if hook is not None:
-            try:
-                async with ctx.limiter:
-                    result = hook(*args)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception:
-                ctx.count(f"{name}_errors")
-                ctx.config.log.exception("clusterkit %s: %s%r raised", self._me, name, args)
-                if name != "on_partition_assigned":
-                    ctx.emit(event)  # it happened all the same: keep the stream in order
-                return False
-        ctx.count(name)
-        ctx.emit(event)
-        return True
-
-    # -- readiness -----------------------------------------------------------------------
-
-    async def _mark_ready(self) -> float | None:
-        session = self._ctx.session.value
-        if session is None or session.generation == self._ready_generation:
-            return None
-        try:
-            await self._ctx.client.put(
-                self._ctx.layout.ready(self.pt, self._me), "1", lease=session.lease_id
-            )
-            self._ready_generation = session.generation
-            return None
-        except EtcdError as exc:
-            self._ctx.config.log.info("clusterkit: ready marker for %d: %s", self.pt, exc)
-            return trio.current_time() + RETRY_MIN
-
-    # -- leadership ----------------------------------------------------------------------
-
-    async def _lead(self, view: ClusterView, row: tuple[str, ...]) -> float | None:
-        ctx, pt, me = self._ctx, self.pt, self._me
-        session = ctx.session.value
-        owner = view.leaders.get(pt)
-        now = trio.current_time()
-        if self._epoch is not None:
-            fence_at = session.deadline - ctx.margin if session is not None else now
-            gone = view.revision >= self._epoch and (
-                owner is None or owner.create_revision != self._epoch
-            )
-            won_under = ctx.leadership.generations.get(pt)
-            if session is not None and session.generation != won_under:
-                await self._step_down(view, resign=False)  # that lease is gone with its keys
-                return None
-            if session is None or now >= fence_at or gone:
-                reachable = session is not None and now < fence_at
-                await self._step_down(view, resign=reachable and not gone)
-                # Self-fenced with the session still alive: look again soon (a keepalive
-                # may renew it, and then the abandoned key is removed and a new term won).
-                return now + RETRY_MIN if session is not None else None
-            preferred = row[0]
-            back = view.nodes.get(preferred)
-            if (
-                preferred != me
-                and (pt, preferred) in view.ready
-                and back is not None
-                and back.state == "active"
-            ):
-                if now < self._handover_after:
-                    return min(fence_at, self._handover_after)
-                # The preferred replica is back and says it is ready: hand over. Should it
-                # not take over (it may be cut off while its marker lives on), we win the
-                # partition back after the stagger and wait longer before the next try.
-                self._handovers += 1
-                pause = min(ctx.config.session_ttl, HANDOVER_BACKOFF * 2**self._handovers)
-                self._handover_after = now + pause
-                ctx.count("handovers")
-                await self._step_down(view, resign=True)
-                return None
-            self._handovers = 0
-            return fence_at
-        if session is None or not self._track.assigned:
-            return None
-        if owner is not None:
-            self._no_leader_since = None
-            if owner.node_id == me and owner.lease == session.lease_id:
-                if owner.create_revision in self._abandoned:
-                    # An epoch we stepped down from (self-fencing): never lead under it
-                    # again; remove it so a fresh campaign gives a new, higher epoch.
-                    await self._resign(owner.create_revision)
-                    return now + RETRY_MIN  # etcd may not have answered yet
-                await self._confirm(owner.create_revision, view)  # ours, this session
-                if self._epoch is None:
-                    return now + RETRY_MIN  # not confirmed (etcd blip, late keepalive): again
-            elif row and row[0] == me and (pt, me) not in view.ready:
-                return await self._mark_ready()  # preferred and ready: ask for the lead back
-            return None
-        alive = [n for n in row if n in view.nodes]
-        if me not in alive:
-            return None
-        rank = alive.index(me)  # replicas that are gone do not delay the others
-        if self._no_leader_since is None:
-            self._no_leader_since = now
-        campaign_at = self._no_leader_since + rank * STAGGER
-        if rank > 0 and row[0] == alive[0]:
-            # The preferred replica is registered and should win in a moment; campaigning
-            # now would only cost etcd a failing Txn per partition (thousands at a cold
-            # start). Step in only if it has not taken the partition after a grace period.
-            campaign_at += PREFERRED_GRACE
-        if now < campaign_at:
-            return campaign_at
-        if not await self._campaign(session, view):
-            return now + RETRY_MIN  # etcd did not answer: campaign again
-        return None
-
-    async def _campaign(self, session: Session, view: ClusterView) -> bool:
-        """Try to create the leader key; False when etcd could not be asked."""
-        ctx = self._ctx
-        ctx.count("campaigns")
-        try:
-            txn = await ctx.client.txn(
-                [Compare.create_revision(self._key, "=", 0)],
-                [Op.put(self._key, self._me, lease=session.lease_id), Op.get(self._key)],
-            )
-        except EtcdError as exc:
-            ctx.config.log.info("clusterkit: campaign for %d failed: %s", self.pt, exc)
-            return False
-        if txn.succeeded:
-            # The Txn read the key back at its own revision: that is the confirmation.
-            read = txn.responses[1]
-            kv = read.kvs[0] if isinstance(read, RangeResult) and read.kvs else None
-            await self._confirm(txn.revision, view, kv)
-        return True
-
-    async def _confirm(self, epoch: int, view: ClusterView, kv: KeyValue | None = None) -> None:
-        """Lead under ``epoch`` if the key (read back now, or by the winning Txn) is ours."""
-        ctx = self._ctx
-        if kv is None:
-            try:
-                kv = await ctx.client.get(self._key)
-            except EtcdError:
-                return
-        if (
-            kv is None
-            or kv.create_revision != epoch
-            or kv.value.decode(errors="replace") != self._me
-        ):
-            return
-        session = ctx.session.value
-        if session is None or kv.lease != session.lease_id:
-            return
-        if trio.current_time() >= session.deadline - ctx.margin:
-            return
-        self._track, calls = leadership(self._track, True, self.pt)
-        if not calls:
-            return
-        self._epoch = epoch
-        ctx.leadership.generations[self.pt] = session.generation
-        ctx.leadership.epochs[self.pt] = epoch
-        ctx.count("elections")
-        if not await self._run_hook("on_leader_elected", (self.pt,), LeaderElected(self.pt, epoch)):
-            await self._step_down(view, resign=True)
-
-    async def _step_down(self, view: ClusterView, *, resign: bool) -> None:
-        ctx = self._ctx
-        epoch = self._epoch
-        if epoch is None:
-            return
-        self._epoch = None
-        self._abandoned.add(epoch)
-        self._no_leader_since = None
-        ctx.leadership.end(self.pt)  # is_leader is false from here on
-        self._track, _ = leadership(self._track, False, self.pt)
-        await self._run_hook("on_leader_lost", (self.pt,), LeaderLost(self.pt, epoch))
-        if resign:
-            await self._resign(epoch)
-
-    async def _resign(self, epoch: int) -> None:
-        """Delete the leader key if it is still the one created at ``epoch``."""
-        try:
-            await self._ctx.client.txn(
-                [Compare.create_revision(self._key, "=", epoch)], [Op.delete(self._key)]
-            )
-        except EtcdError as exc:
-            self._ctx.config.log.info("clusterkit: resigning %d failed: %s", self.pt, exc)
-
-
-_HOOK_NAMES = {
-    "assigned": "partition_assigned",
-    "unassigned": "partition_unassigned",
-    "replica_added": "replica_added",
-    "replica_removed": "replica_removed",
-}
+__all__ = [
+    "HANDOVER_BACKOFF",
+    "LOST_HOOK_TIMEOUT",
+    "PREFERRED_GRACE",
+    "RETRY_MAX",
+    "RETRY_MIN",
+    "STAGGER",
+    "EtcdBatcher",
+    "Leadership",
+    "PartitionContext",
+    "PartitionSupervisor",
+]
 
 
 class PartitionSupervisor:
-    """Starts a :class:`PartitionActor` for each partition this node has a role in."""
+    """Keeps this node's partitions in line with the views (see the module docstring)."""
 
-    def __init__(self, ctx: PartitionContext, views: Latest[ClusterView]) -> None:
+    def __init__(
+        self,
+        ctx: PartitionContext,
+        views: Latest[ClusterView],
+        take_changes: Callable[[], Changes] | None = None,
+    ) -> None:
         self._ctx = ctx
         self._views = views
-        self._cells: dict[int, Latest[ClusterView]] = {}
+        # Where view changes come from: the watcher's take_changes (None: diff the views,
+        # for views published by hand in tests).
+        self._take_changes = take_changes
+        self._states: dict[int, PartitionState] = {}
+        self._running: set[int] = set()
+        self._dirty: set[int] = set()
+        self._timers: list[tuple[float, int]] = []
+        self._due: dict[int, float] = {}
         self._last: ClusterView = EMPTY_VIEW
+        self._index_map: MapRecord | None = None
+        self._index: dict[str, set[int]] = {}
+        self._mine: set[int] = set()
+        self._wake = trio.Event()
+        self._fenced: object = None  # the session whose fence already woke the leaders
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
-        self.active: Latest[int] = Latest(0, "partition actors")
+        self.steps = 0
+        self.active: Latest[int] = Latest(0, "partition states")
 
     def __repr__(self) -> str:
-        return f"<PartitionSupervisor partitions={len(self._cells)}>"
+        return (
+            f"<PartitionSupervisor partitions={len(self._states)} running={len(self._running)}"
+            f" timers={len(self._due)}>"
+        )
 
     def statistics(self) -> dict[str, int]:
-        return {"partitions": len(self._cells), **self._ctx.counters}
+        return {
+            "partitions": len(self._states),
+            "running": len(self._running),
+            "steps": self.steps,
+            **self._ctx.counters,
+            **self._ctx.batcher.statistics(),
+        }
+
+    async def stop(self) -> None:
+        """Stop every partition step (leaders run on_leader_lost) and wait for that."""
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._stopped.wait()
+
+    # -- the loop -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                await nursery.start(self._ctx.batcher.run)
+                nursery.start_soon(self._follow_views)
                 nursery.start_soon(self._follow_session)
                 task_status.started()
-                version = -1
+                view_version = -1
+                gen = self._ctx.session_gen.value
                 while True:
-                    view, version = await self._views.wait_newer(version)
-                    self._dispatch(nursery, view)
+                    self._wake = trio.Event()
+                    if self._views.version != view_version:
+                        view_version = self._views.version
+                        self._on_view(self._views.value)
+                    if self._ctx.session_gen.value != gen:
+                        gen = self._ctx.session_gen.value
+                        self._dirty.update(self._states)
+                    now = trio.current_time()
+                    self._check_fence(now)
+                    while self._timers and self._timers[0][0] <= now:
+                        at, pt = heapq.heappop(self._timers)
+                        if self._due.get(pt) == at:
+                            del self._due[pt]
+                            self._dirty.add(pt)
+                    for pt in [p for p in self._dirty if p not in self._running]:
+                        self._dirty.discard(pt)
+                        self._launch(nursery, pt)
+                    wake_at = self._timers[0][0] if self._timers else math.inf
+                    wake_at = min(wake_at, self._fence_at())
+                    with trio.move_on_at(wake_at):
+                        await self._wake.wait()
         finally:
+            with trio.CancelScope(shield=True):
+                await self._lose_all()
             self._stopped.set()
+
+    async def _follow_views(self) -> None:
+        version = self._views.version
+        while True:
+            _, version = await self._views.wait_newer(version)
+            self._wake.set()
 
     async def _follow_session(self) -> None:
         """Publish session generation changes; keep ``ck.leadership()`` scopes on the
-        session's deadline as keepalives extend it."""
+        session's deadline as keepalives extend it; move the node-wide fence timer."""
         ctx = self._ctx
         version = -1
         while True:
@@ -526,65 +178,133 @@ class PartitionSupervisor:
                 for scopes in ctx.leadership.scopes.values():
                     for scope in scopes:
                         scope.deadline = session.deadline - ctx.margin
+            self._wake.set()
 
-    async def stop(self) -> None:
-        """Stop every partition actor (leaders run on_leader_lost) and wait for them."""
-        if self._scope is not None:
-            self._scope.cancel()
-            await self._stopped.wait()
+    def _fence_at(self) -> float:
+        session = self._ctx.session.value
+        if session is None or not self._ctx.leadership.epochs or self._fenced is session:
+            return math.inf
+        return session.deadline - self._ctx.margin
 
-    def _dispatch(self, nursery: trio.Nursery, view: ClusterView) -> None:
-        if view.map is not None and view.map.partitions != self._ctx.config.partitions:
-            return  # a map of another cluster shape: the rebalancer refuses it (ClusterMismatch)
+    def _check_fence(self, now: float) -> None:
+        """Wake every leader once when the session's fence passes without a keepalive."""
+        session = self._ctx.session.value
+        if session is None or self._fenced is session:
+            return
+        if now >= session.deadline - self._ctx.margin and self._ctx.leadership.epochs:
+            self._fenced = session
+            self._dirty.update(pt for pt, s in self._states.items() if s.leading)
+
+    def _launch(self, nursery: trio.Nursery, pt: int) -> None:
+        state = self._states.get(pt)
+        if state is None:
+            if role_of(self._views.value.map, pt, self._ctx.node_id) is Role.NONE:
+                return
+            state = self._states[pt] = PartitionState(pt, self._ctx, self._views)
+            self.active.set(len(self._states))
+        self._running.add(pt)
+        self._due.pop(pt, None)
+        nursery.start_soon(self._step, pt, state)
+
+    async def _step(self, pt: int, state: PartitionState) -> None:
+        wake: float | None = None
+        try:
+            self.steps += 1
+            wake = await state.step()
+        finally:
+            self._running.discard(pt)
+            if state.idle and pt not in self._dirty:
+                if self._states.get(pt) is state:
+                    del self._states[pt]
+                    self.active.set(len(self._states))
+            elif wake is not None:
+                self._due[pt] = wake
+                heapq.heappush(self._timers, (wake, pt))
+            self._wake.set()
+
+    async def _lose_all(self) -> None:
+        """The node stops: every leader runs on_leader_lost (bounded) before the revoke."""
+        leaders = [s for s in self._states.values() if s.leading]
+        if not leaders:
+            return
+        with trio.move_on_after(LOST_HOOK_TIMEOUT + 1):
+            async with trio.open_nursery() as nursery:
+                for state in leaders:
+                    nursery.start_soon(state.lose)
+
+    # -- what a view changed --------------------------------------------------------------
+
+    def _on_view(self, view: ClusterView) -> None:
         last, self._last = self._last, view
-        me = self._ctx.node_id
-        touched: set[int] = set()
-        record, old = view.map, last.map
-        if record is not None:
-            if old is None or old.partitions != record.partitions:
-                touched.update(range(record.partitions))
-            else:
-                touched.update(
-                    pt for pt in range(record.partitions) if record.replicas[pt] != old.replicas[pt]
-                )
-                touched.update(set(record.pending) ^ set(old.pending))
-                touched.update(
-                    pt for pt in record.pending if record.pending[pt] != old.pending.get(pt)
-                )
-        touched.update(
+        record = view.map
+        if record is not None and record.partitions != self._ctx.config.partitions:
+            return  # a map of another cluster shape: never acted on
+        changes = self._changes(last, view)
+        if changes.everything:
+            self._dirty.update(self._states)
+            self._dirty.update(self._my_partitions(record))
+            return
+        if changes.map:
+            self._dirty.update(self._map_diff(last.map, record))
+        for pt in changes.partitions:
+            if pt in self._states:
+                self._dirty.add(pt)
+        if changes.nodes:
+            index = self._node_index(record)
+            for nid in changes.nodes:
+                self._dirty.update(index.get(nid, ()))
+
+    def _changes(self, last: ClusterView, view: ClusterView) -> Changes:
+        if self._take_changes is not None:
+            return self._take_changes()
+        # No change feed: compare the views (views built by hand; O(P), tests only).
+        changes = Changes(map=last.map != view.map)
+        changes.partitions.update(
             pt
             for pt in set(view.leaders) | set(last.leaders)
             if view.leaders.get(pt) != last.leaders.get(pt)
         )
-        touched.update(pt for pt, _ in view.ready ^ last.ready)  # readiness (handover)
-        if view.nodes != last.nodes:
-            touched.update(self._cells)  # peers' records or liveness changed
-        for pt in touched:
-            cell = self._cells.get(pt)
-            if cell is not None:
-                cell.set(view)
-            elif role_of(record, pt, me) is not Role.NONE:
-                self._start(nursery, pt, view)
+        changes.partitions.update(pt for pt, _ in set(view.ready) ^ set(last.ready))
+        changes.nodes.update(
+            nid
+            for nid in set(view.nodes) | set(last.nodes)
+            if view.nodes.get(nid) != last.nodes.get(nid)
+        )
+        return changes
 
-    def _start(self, nursery: trio.Nursery, pt: int, view: ClusterView) -> None:
-        cell: Latest[ClusterView] = Latest(view, f"partition {pt}")
-        self._cells[pt] = cell
-        self.active.set(len(self._cells))
-        actor = PartitionActor(pt, self._ctx, cell)
+    def _my_partitions(self, record: MapRecord | None) -> set[int]:
+        """Partitions in which this node is a replica or joining (built per map version)."""
+        self._node_index(record)
+        return self._mine
 
-        async def run() -> None:
-            try:
-                await actor.run()
-            finally:
-                if self._cells.get(pt) is cell:
-                    del self._cells[pt]
-                self.active.set(len(self._cells))
-            # The role may have come back while the actor was finishing.
-            latest = self._last
-            if (
-                pt not in self._cells
-                and role_of(latest.map, pt, self._ctx.node_id) is not Role.NONE
-            ):
-                self._start(nursery, pt, latest)
+    def _node_index(self, record: MapRecord | None) -> dict[str, set[int]]:
+        """node id -> this node's partitions whose (pending) replicas name it."""
+        if record is self._index_map:
+            return self._index
+        me = self._ctx.node_id
+        index: dict[str, set[int]] = {}
+        mine: set[int] = set()
+        if record is not None:
+            pending = record.pending
+            for pt, row in enumerate(record.replicas):
+                moving = pending.get(pt)
+                if me in row or (moving is not None and me in moving):
+                    mine.add(pt)
+                    for nid in (*row, *(moving or ())):
+                        index.setdefault(nid, set()).add(pt)
+        for pt in self._states:  # partitions this node is leaving still care
+            if pt not in mine and record is not None and 0 <= pt < len(record.replicas):
+                for nid in record.replicas[pt]:
+                    index.setdefault(nid, set()).add(pt)
+        self._index_map, self._index, self._mine = record, index, mine
+        return index
 
-        nursery.start_soon(run)
+    def _map_diff(self, old: MapRecord | None, new: MapRecord | None) -> set[int]:
+        """Partitions whose rows differ between two maps and that concern this node."""
+        mine = self._my_partitions(new)
+        if old is None or new is None or old.partitions != new.partitions:
+            return mine | set(self._states)
+        changed = {pt for pt in range(new.partitions) if new.replicas[pt] != old.replicas[pt]}
+        changed.update(set(new.pending) ^ set(old.pending))
+        changed.update(pt for pt, row in new.pending.items() if old.pending.get(pt) != row)
+        return {pt for pt in changed if pt in mine or pt in self._states}

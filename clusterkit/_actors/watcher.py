@@ -28,7 +28,7 @@ import trio
 
 from .._config import ClientConfig, Config
 from .._core.keys import KeyLayout
-from .._core.view import ClusterView, ViewState
+from .._core.view import Changes, ClusterView, ViewState
 from .._errors import EtcdError, RevisionCompacted
 from .._etcd.client import EtcdClient
 from .._etcd.types import EventType, KeyValue
@@ -49,7 +49,8 @@ class WatcherActor:
         self._client = client
         self._config = config
         self._layout = layout
-        self._state = ViewState(layout)
+        shape = (config.partitions, config.replica_factor) if isinstance(config, Config) else None
+        self._state = ViewState(layout, shape)
         self.views = views
         self.connected = connected
         self._log = config.log
@@ -62,6 +63,11 @@ class WatcherActor:
             f"<WatcherActor rev={self._state.revision} connected={self.connected.value}"
             f" garbage={self.garbage} reloads={self.reloads}>"
         )
+
+    def take_changes(self) -> Changes:
+        """What changed in the published views since the last call (one consumer: the
+        partition reconciler)."""
+        return self._state.take_changes()
 
     def statistics(self) -> dict[str, int]:
         return {

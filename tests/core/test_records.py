@@ -172,7 +172,43 @@ def test_view_state_applies_changes_and_ignores_garbage() -> None:
     assert v2.replica_nodes[0][1].id == "b" and v2.coordinator is not None
     assert v2.coordinator.create_revision == 9
     assert v1.nodes.keys() == {"a", "b"}  # snapshots are immutable
-    # A garbage map keeps its revision so the coordinator can overwrite it.
+    # A garbage map keeps its revision so the coordinator can overwrite it, and the last
+    # good map stays (routing and roles never fall back to "no map").
     assert state.apply(LAYOUT.map, b"{", mod_revision=8) is not None
     v3 = state.snapshot(8)
-    assert v3.map is None and v3.map_revision == 8 and v3.replica_nodes == ()
+    assert v3.map == record and v3.map_revision == 8 and v3.map_problem is not None
+    assert not v3.converged(2)
+    # So does a deleted map (revision 0: the key is absent) and an older one.
+    assert state.apply(LAYOUT.map, None) is not None
+    v4 = state.snapshot(9)
+    assert v4.map == record and v4.map_revision == 0 and v4.map_problem is not None
+    older = MapRecord(0, 2, 2, (("b", "a"), ("a", "b")))
+    assert state.apply(LAYOUT.map, encode_map(older), mod_revision=10) is not None
+    assert state.snapshot(10).map == record
+    newer = MapRecord(2, 2, 2, (("a", "b"), ("a", "b")))
+    assert state.apply(LAYOUT.map, encode_map(newer), mod_revision=11) is None
+    v5 = state.snapshot(11)
+    assert v5.map == newer and v5.map_problem is None and v5.map_revision == 11
+
+
+def test_view_state_refuses_a_map_of_another_shape() -> None:
+    state = ViewState(LAYOUT, shape=(2, 2))
+    good = MapRecord(1, 2, 2, (("a", "b"), ("b", "a")))
+    assert state.apply(LAYOUT.map, encode_map(good), mod_revision=3) is None
+    other = MapRecord(5, 3, 2, (("a", "b"), ("b", "a"), ("a", "b")))
+    assert state.apply(LAYOUT.map, encode_map(other), mod_revision=4) is not None
+    view = state.snapshot(4)
+    assert view.map == good and view.map_revision == 4 and "shape" in (view.map_problem or "")
+
+
+def test_view_state_reports_what_changed() -> None:
+    state = ViewState(LAYOUT)
+    assert state.take_changes().everything  # the first load: everything is new
+    state.apply(LAYOUT.leader(3), b"a", create_revision=4)
+    state.apply(LAYOUT.ready(5, "b"), b"1")
+    state.apply(LAYOUT.node("c"), encode_node(Node("c", "h")))
+    changes = state.take_changes()
+    assert changes.partitions == {3, 5} and changes.nodes == {"c"} and not changes.map
+    assert not state.take_changes()
+    state.apply(LAYOUT.map, encode_map(MapRecord(1, 2, 2, (("a", "b"), ("b", "a")))))
+    assert state.take_changes().map
