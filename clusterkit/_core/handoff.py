@@ -44,6 +44,12 @@ for: they go in the map's Txn or in Txns before it. etcd refuses Txns of more th
 deletions: ``delete_first`` before or with the map, the rest with it or after it. A
 coordinator that dies between those Txns leaves markers the stored map does not account
 for, which the next plan's ``delete_first`` catches.
+
+``delete_first`` also catches a node that lags: one that wrote a marker under an older map
+(say, as a rejoined committed replica) which the stored map no longer gives it, when the
+next map announces it as joining there. Its marker predates its pull for that move, so it
+must not count; the partition actor writes the marker again once it is ready under the map
+it sees (it re-pulls first when it was demoted), and that marker counts.
 """
 
 from __future__ import annotations
