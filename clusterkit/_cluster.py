@@ -206,6 +206,8 @@ class ClusterKit:
         Another node's leadership is as fresh as this node's view; to act *as* the leader,
         use :meth:`is_leader` / :meth:`leadership`, which fence on this node's own lease.
         """
+        if self.is_leader(partition):
+            return self._node
         owner = self._views.value.leaders.get(partition)
         if owner is None:
             return None
@@ -216,8 +218,13 @@ class ClusterKit:
         """The fencing epoch of ``partition``'s current leader: its key's create_revision.
 
         Strictly increasing per partition; stamp writes with it so replicas can refuse a
-        stale leader. None while the partition has no leader.
+        stale leader. None while the partition has no leader. On the node that
+        :meth:`is_leader`, always the epoch it leads under (even before its view shows the key).
         """
+        if self.is_leader(partition):  # our own epoch, even before the view shows our key
+            epoch = self._leadership.epochs.get(partition)
+            if epoch is not None:
+                return epoch
         owner = self._views.value.leaders.get(partition)
         return owner.create_revision if owner is not None else None
 
@@ -517,6 +524,7 @@ async def _open_node(
                         serve_metrics, render_for(ck), host, config.metrics_port
                     )
                     ck.metrics_address = f"{config.advertise_addr}:{port}"
+                partitions.open()  # hooks run from here on: the body has its handle first
                 try:
                     yield ck
                 except BaseException as exc:

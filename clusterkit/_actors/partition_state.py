@@ -150,11 +150,18 @@ def _previous_owner(
     return None
 
 
-def _new_owner(view: ClusterView, pt: int, me: str) -> str | None:
+def _new_owner(view: ClusterView, pt: int, me: str, peers: tuple[str, ...]) -> str | None:
+    """Who takes this node's place in ``pt``: the first node of the partition's (pending,
+    else committed) row that was not a replica with us — the node that pulled the data. If
+    nobody new came (the partition only shrank), its first replica, which leads it."""
     if view.map is None:
         return None
     row = view.map.pending.get(pt) or view.map.replicas[pt]
-    return next((n for n in row if n != me), None)
+    others = [n for n in row if n != me]
+    fresh = [n for n in others if n not in peers]
+    if fresh:
+        return fresh[0]
+    return others[0] if others else None
 
 
 class PartitionState:
@@ -217,7 +224,7 @@ class PartitionState:
             [n for n in row if n != me],
             partition=pt,
             previous_owner=_previous_owner(view, pt, me, role),
-            new_owner=_new_owner(view, pt, me),
+            new_owner=_new_owner(view, pt, me, self._track.peers),
         )
         for call in calls:
             if call.hook == "assigned":

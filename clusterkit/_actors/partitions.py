@@ -92,6 +92,7 @@ class PartitionSupervisor:
         self._index: dict[str, set[int]] = {}
         self._mine: set[int] = set()
         self._wake = trio.Event()
+        self._opened = trio.Event()
         self._fenced: object = None  # the session whose fence already woke the leaders
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -113,6 +114,11 @@ class PartitionSupervisor:
             **self._ctx.batcher.statistics(),
         }
 
+    def open(self) -> None:
+        """Start stepping partitions (and so running hooks): ``open_cluster`` calls this just
+        before it hands the app its handle, so no hook runs before the app has it."""
+        self._opened.set()
+
     async def stop(self) -> None:
         """Stop every partition step (leaders run on_leader_lost) and wait for that."""
         if self._scope is not None:
@@ -129,6 +135,7 @@ class PartitionSupervisor:
                 nursery.start_soon(self._follow_views)
                 nursery.start_soon(self._follow_session)
                 task_status.started()
+                await self._opened.wait()
                 view_version = -1
                 gen = self._ctx.session_gen.value
                 while True:
