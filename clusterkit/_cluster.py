@@ -206,7 +206,7 @@ class ClusterKit:
         Another node's leadership is as fresh as this node's view; to act *as* the leader,
         use :meth:`is_leader` / :meth:`leadership`, which fence on this node's own lease.
         """
-        if self.is_leader(partition):
+        if partition in self._leadership.epochs and self.is_leader(partition):
             return self._node
         owner = self._views.value.leaders.get(partition)
         if owner is None:
@@ -221,10 +221,9 @@ class ClusterKit:
         stale leader. None while the partition has no leader. On the node that
         :meth:`is_leader`, always the epoch it leads under (even before its view shows the key).
         """
-        if self.is_leader(partition):  # our own epoch, even before the view shows our key
-            epoch = self._leadership.epochs.get(partition)
-            if epoch is not None:
-                return epoch
+        epoch = self._leadership.epochs.get(partition)
+        if epoch is not None and self.is_leader(partition):
+            return epoch  # our own, even before the view shows our key
         owner = self._views.value.leaders.get(partition)
         return owner.create_revision if owner is not None else None
 

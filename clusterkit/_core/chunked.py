@@ -32,7 +32,7 @@ class ChunkedMap(Mapping[int, V]):
 
     __slots__ = ("_chunks", "_len")
 
-    def __init__(self, chunks: tuple[dict[int, V] | None, ...] = (), length: int = 0) -> None:
+    def __init__(self, chunks: tuple[dict[int, V], ...] = (), length: int = 0) -> None:
         self._chunks = chunks
         self._len = length
 
@@ -41,15 +41,12 @@ class ChunkedMap(Mapping[int, V]):
     @overload
     def get(self, key: int, default: V | T, /) -> V | T: ...
     def get(self, key: int, default: object = None) -> object:
-        if type(key) is not int or key < 0:
-            return default
+        # A negative key indexes a chunk from the end, whose dict has only non-negative
+        # keys: a miss, as it should be. A key that is not an int raises TypeError: a miss.
         try:
-            chunk = self._chunks[key >> SHIFT]
-        except IndexError:
+            return self._chunks[key >> SHIFT].get(key, default)
+        except (IndexError, TypeError):
             return default
-        if chunk is None:
-            return default
-        return chunk.get(key, default)
 
     def __getitem__(self, key: int) -> V:
         missing = _MISSING
@@ -76,6 +73,8 @@ class ChunkedMap(Mapping[int, V]):
 
 
 _MISSING: object = object()
+# The chunk of every range nobody wrote to: shared, never mutated (builders copy it first).
+_EMPTY_CHUNK: dict[int, object] = {}
 
 
 class ChunkedMapBuilder(Generic[V]):
@@ -84,7 +83,7 @@ class ChunkedMapBuilder(Generic[V]):
     __slots__ = ("_chunks", "_last", "_len", "_owned")
 
     def __init__(self) -> None:
-        self._chunks: list[dict[int, V] | None] = []
+        self._chunks: list[dict[int, V]] = []
         self._owned: set[int] = set()
         self._len = 0
         self._last: ChunkedMap[V] | None = None
@@ -92,12 +91,10 @@ class ChunkedMapBuilder(Generic[V]):
     def _writable(self, key: int) -> dict[int, V]:
         index = key >> SHIFT
         if index >= len(self._chunks):
-            self._chunks.extend([None] * (index + 1 - len(self._chunks)))
+            empty: dict[int, V] = _EMPTY_CHUNK  # type: ignore[assignment]
+            self._chunks.extend([empty] * (index + 1 - len(self._chunks)))
         chunk = self._chunks[index]
-        if chunk is None:
-            chunk = self._chunks[index] = {}
-            self._owned.add(index)
-        elif index not in self._owned:
+        if index not in self._owned:
             chunk = self._chunks[index] = dict(chunk)
             self._owned.add(index)
         return chunk
@@ -106,8 +103,7 @@ class ChunkedMapBuilder(Generic[V]):
         index = key >> SHIFT
         if key < 0 or index >= len(self._chunks):
             return None
-        chunk = self._chunks[index]
-        return None if chunk is None else chunk.get(key)
+        return self._chunks[index].get(key)
 
     def set(self, key: int, value: V) -> None:
         if key < 0:
