@@ -95,7 +95,7 @@ class RebalancerActor:
         self._summary: MapSummary | None = None
         self._tracker: ReadyTracker | None = None
         self._ready_count = -1
-        self._superseded = -1  # the map revision our last write replaced
+        self._written_at = 0  # etcd revision of our last map write
         self._good: MapRecord | None = None  # the newest map of our shape seen
         self._noted: set[str] = set()
         self._checked = (-1, False)  # (map revision, readable) of the last fresh-start check
@@ -316,7 +316,7 @@ class RebalancerActor:
         Membership changes are debounced and then re-planned in full; ready rows of joining
         replicas are committed, paced, while the membership is settled.
         """
-        if view.map_revision == self._superseded:
+        if view.revision < self._written_at:
             return None  # the view has not caught up with our last write yet
         cfg = self._config
         alive = frozenset(view.nodes)
@@ -365,6 +365,8 @@ class RebalancerActor:
 
     async def _repair(self, view: ClusterView, good: MapRecord) -> float | None:
         """Write the newest good map back over a missing, unreadable or older stored one."""
+        if view.revision < self._written_at:
+            return None  # the view has not caught up with our last write yet
         kv = await self._client.get(self._layout.map)
         stored = map_version_hint(kv.value) if kv is not None else None
         version = max(good.version, stored or 0) + 1
@@ -411,7 +413,7 @@ class RebalancerActor:
         else:
             self.repairs_written += 1
         self._debounce.done()
-        self._superseded = view.map_revision
+        self._written_at = txn.revision
         if kind == "commit":
             self._pacer.done(committed=True)
         else:

@@ -405,3 +405,24 @@ async def test_a_coordinator_of_another_shape_does_nothing_and_does_not_raise(
         await trio.sleep(10)
         assert actor.maps_written == 0 and actor.term is None
         assert (await stored(s)) == other
+
+
+async def test_a_map_deleted_after_a_cold_start_and_again_is_restored_each_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(8, 2, ["me", "b"], None) as (s, nursery):
+        actor = await start_coordinator(s, nursery, 8, 2)
+        with trio.fail_after(10):
+            await s.views.wait_for(lambda v: v.map is not None)
+        first = await stored(s)
+        for version in (2, 3):
+            await s.client.delete(LAYOUT.map)
+            with trio.fail_after(10):
+                await s.views.wait_for(functools.partial(has_version, version))
+            again = await stored(s)
+            assert again.version == version and again.replicas == first.replicas
+        assert actor.statistics()["repairs_written"] == 2
+
+
+def has_version(version: int, v: ClusterView) -> bool:
+    return v.map is not None and v.map.version == version
