@@ -23,7 +23,7 @@ import trio
 from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
 from .bridge import AioBridge
 from .channel import Endpoint, Endpoints, EtcdConfig
-from .lease import LeaseKeepAliveHub
+from .lease import KeepAlivePump, LeaseKeepAliveHub
 from .pb.authpb import auth_pb2
 from .pb.etcdserverpb import rpc_pb2
 from .status import translate
@@ -469,6 +469,47 @@ class EtcdClient:
             raise EtcdUnavailable("the etcd client is closed")
         await self.ensure_stream_auth()
         return await self._keepalives.keepalive(lease_id, timeout or self.config.request_timeout)
+
+    @asynccontextmanager
+    async def keepalive_pump(
+        self, lease_id: int, interval: float, *, stall_limit: float
+    ) -> AsyncIterator[KeepAlivePump]:
+        """Keep a lease alive from the lease bridge's loop thread for the ``async with`` block.
+
+        The loop thread sends a keepalive every ``interval`` seconds by its own timer, over
+        the client's keepalive stream, and records each answer there, so neither sending nor
+        recording needs the Trio loop to be responsive (see clusterkit/_etcd/lease.py). Read
+        the pump with ``pump.latest()`` (never awaits) and ``await pump.wait_newer(prev)``;
+        call ``pump.checkin()`` whenever the Trio side is alive, or the pump stops after
+        ``stall_limit`` seconds without one (the zombie guard). Ordinary
+        :meth:`lease_keepalive` calls for the same lease may run meanwhile.
+
+        The pump stops when the block exits or the client closes. Only under Trio's default
+        clock: ``sent_at`` is converted from the loop's ``perf_counter()``.
+
+        Args:
+            lease_id: the lease to keep alive.
+            interval: seconds between keepalives (e.g. TTL / 3).
+            stall_limit: stop sending when the last check-in is older than this (e.g. 3 x TTL).
+
+        Raises:
+            ConfigError: a non-default Trio clock (MockClock), or ``interval``/``stall_limit``
+                not positive.
+            EtcdUnavailable: the client is closed.
+        """
+        if self._closed:
+            raise EtcdUnavailable("the etcd client is closed")
+        await self.ensure_stream_auth()
+        pump = self._keepalives.start_pump(lease_id, interval, stall_limit)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalives.serve_pump, pump)
+                try:
+                    yield pump
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._keepalives.stop_pump(pump, EtcdUnavailable("the keepalive pump was stopped"))
 
     async def lease_time_to_live(self, lease_id: int, *, keys: bool = False) -> LeaseInfo:
         """The lease's remaining TTL and granted TTL (``ttl == -1`` when it has expired)."""

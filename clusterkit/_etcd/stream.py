@@ -14,6 +14,13 @@ only (consumed by the loop, released by Trio), so no lock is needed; the reader 
 starved and re-checks before it sleeps, and a release wakes it only then. Closing cancels the
 call and the tasks (a reader waiting for credits included) and waits, from Trio, for the end
 the reader posts.
+
+A *loop tap* (optional) sees the stream on the loop thread: ``tap.sent(request)`` for every
+request Trio queued, in the order they are written, and ``tap.received(response)`` for every
+response before it is posted; a tap that returns True has consumed the response on the loop
+(it is neither posted to Trio nor counted against the credits). Together with
+:meth:`BidiStream.loop_send` (requests that originate on the loop) this lets loop-side code
+(the keepalive pump, lease.py) share the stream with Trio callers without a Trio hop.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc.aio
 import trio
@@ -32,6 +39,14 @@ from .channel import Endpoint
 
 _CREDITS = 16384  # responses in flight per stream (QUEUE_LIMIT per watch is lower)
 _STOP_TIMEOUT = 10.0
+
+
+class LoopTap(Protocol):
+    """Loop-thread observer of a stream (see the module docstring). Must not raise."""
+
+    def sent(self, request: Any) -> None: ...
+
+    def received(self, response: Any) -> bool: ...
 
 
 class BidiStream:
@@ -56,6 +71,7 @@ class BidiStream:
         on_response: Callable[[Any], None],
         on_error: Callable[[BaseException | None], None],
         credits: int = _CREDITS,
+        loop_tap: LoopTap | None = None,
     ) -> None:
         self._bridge = bridge
         self._endpoint = endpoint
@@ -67,6 +83,7 @@ class BidiStream:
         self._on_response = on_response
         self._on_error = on_error
         self._credits = credits
+        self.loop_tap = loop_tap
         self._released = 0  # written by Trio only
         self._consumed = 0  # written by the loop only
         self._starved = False  # loop: waiting for credits
@@ -99,6 +116,17 @@ class BidiStream:
 
     # -- loop thread ----------------------------------------------------------------------
 
+    def loop_send(self, request: Any) -> bool:
+        """Queue a request from the loop thread; False if the stream is not open on the loop.
+
+        Loop thread only. Requests queued by :meth:`send` and by this method are written in
+        the order they reach the loop.
+        """
+        if self._writes is None or self._call is None or self.closed:
+            return False
+        self._writes.put_nowait(request)
+        return True
+
     def _open(self) -> None:
         # Sends are submitted after this on the same lane, so they find the queue.
         self._writes = asyncio.Queue()
@@ -118,6 +146,8 @@ class BidiStream:
     def _enqueue(self, request: Any) -> None:
         if self._writes is not None:  # None: the stream has ended
             self._writes.put_nowait(request)
+            if self.loop_tap is not None:
+                self.loop_tap.sent(request)
 
     def _unstarve(self) -> None:
         if self._credit_event is not None:
@@ -146,6 +176,8 @@ class BidiStream:
                 if response is grpc.aio.EOF:
                     error = EOFError("stream ended")
                     break
+                if self.loop_tap is not None and self.loop_tap.received(response):
+                    continue
                 self._consumed += 1
                 self._bridge.post(functools.partial(self._deliver, response), urgent=self._urgent)
         except asyncio.CancelledError:
