@@ -5,12 +5,15 @@ Theory of operation
 A node is a member while its key ``P/nodes/<id>`` exists; the key is bound to the node's
 *session lease*, so etcd deletes it when the node stops refreshing the lease.
 
-Joining: grant a lease of ``session_ttl`` seconds (etcd may grant more — the granted TTL is
-what counts), check that the stored map (if any) has this node's P and R, then create the
-node key in a Txn that only succeeds while the key does not exist. If it exists under
-another lease, another live node has this id: :class:`NodeIdConflict`, and that node is left
-untouched. If it exists under one of *our* earlier leases (we declared a session lost that
-etcd had not expired yet), we revoke that old lease and try again.
+Joining: check the cluster's identity ``P/cluster`` (P, R, hash function, map format: created
+with ``create_revision == 0`` by the first node to join, from the stored map's P and R for a
+cluster older than that key, and compared by every later join; a mismatch or garbage there is
+:class:`ClusterMismatch` before anything is registered), grant a lease of ``session_ttl``
+seconds (etcd may grant more — the granted TTL is what counts), then create the node key
+in a Txn that only succeeds while the key does not exist. If it exists under another lease,
+another live node has this id: :class:`NodeIdConflict`, and that node is left untouched. If
+it exists under one of *our* earlier leases (we declared a session lost that etcd had not
+expired yet), we revoke that old lease and try again.
 
 Keeping alive: every ``heartbeat_interval`` the actor sends one keepalive. etcd's answer
 proves the lease lives until ``sent_at + ttl`` (``sent_at`` is when the request left, not when
@@ -37,10 +40,20 @@ import trio
 
 from .._config import Config
 from .._core.keys import KeyLayout
-from .._core.records import Node, RecordError, decode_map, encode_node
+from .._core.records import (
+    HASH_FUNCTION,
+    MAP_FORMATS,
+    IdentityRecord,
+    Node,
+    RecordError,
+    decode_identity,
+    decode_map,
+    encode_identity,
+    encode_node,
+)
 from .._errors import ClusterMismatch, EtcdError, LeaseNotFound, NodeIdConflict
 from .._etcd.client import EtcdClient
-from .._etcd.types import Compare, Op, RangeResult
+from .._etcd.types import Compare, KeyValue, Op, RangeResult
 from .cell import Latest
 
 
@@ -130,8 +143,8 @@ class MembershipActor:
 
     # -- joining -------------------------------------------------------------------------
 
-    async def _join(self) -> None:
-        await self._check_map()
+    async def _join(self, *, rejoin: bool = False) -> None:
+        await self._check_identity(rejoin=rejoin)
         # etcd starts the lease's clock when it handles the grant, which is after we send
         # it: counting from the send keeps the local deadline on the safe (early) side.
         granted_at = trio.current_time()
@@ -171,20 +184,100 @@ class MembershipActor:
             "clusterkit %s: joined with lease %x (ttl %ss)", node.id, lease.id, lease.ttl
         )
 
-    async def _check_map(self) -> None:
-        kv = await self._client.get(self._layout.map)
-        if kv is None:
-            return
+    async def _check_identity(self, *, rejoin: bool = False) -> None:
+        """Make sure this node belongs to the cluster stored under the prefix.
+
+        The identity (P, R, hash function, map format) is created once, at the first join,
+        with ``create_revision == 0``; a cluster from before ``P/cluster`` existed gets it
+        from its stored map. Every later join compares it before registering.
+
+        A rejoining node (it was a member a moment ago) only compares: it logs garbage in
+        ``P/cluster`` and goes on, and leaves a missing key for the next fresh join to
+        create, so nothing written while the cluster runs takes a member down.
+
+        Raises:
+            ClusterMismatch: the cluster has another identity, or ``P/cluster`` is garbage.
+        """
+        key = self._layout.cluster
+        for _ in range(3):
+            kv = await self._client.get(key)
+            if kv is not None:
+                try:
+                    stored = self._decode_identity(kv.value)
+                except ClusterMismatch as exc:
+                    if not rejoin:
+                        raise
+                    self._log.warning("clusterkit %s: %s", self.node.id, exc)
+                    return
+                self._compare(stored)
+                return
+            if rejoin:
+                return
+            mine = self._claimed_identity(await self._client.get(self._layout.map))
+            txn = await self._client.txn(
+                [Compare.create_revision(key, "=", 0)],
+                [Op.put(key, encode_identity(mine))],
+                [Op.get(key)],
+            )
+            if txn.succeeded:
+                self._log.info(
+                    "clusterkit %s: stored the cluster identity at %s (partitions=%d, "
+                    "replica_factor=%d)",
+                    self.node.id,
+                    key.decode(),
+                    mine.partitions,
+                    mine.replica_factor,
+                )
+                self._compare(mine)
+                return
+            existing = txn.responses[0]
+            assert isinstance(existing, RangeResult)
+            if existing.kvs:  # another node created it first: compare with theirs
+                self._compare(self._decode_identity(existing.kvs[0].value))
+                return
+        raise ClusterMismatch(f"could not read or create the cluster identity at {key.decode()}")
+
+    def _claimed_identity(self, stored_map: KeyValue | None) -> IdentityRecord:
+        """The identity to store when there is none: the stored map's P and R (a cluster
+        created before ``P/cluster`` existed), else this node's config."""
+        if stored_map is not None:
+            try:
+                record = decode_map(stored_map.value)
+            except RecordError:
+                pass  # garbage is the coordinator's to overwrite, not an identity
+            else:
+                return IdentityRecord(record.partitions, record.replica_factor)
+        return IdentityRecord(self._config.partitions, self._config.replica_factor)
+
+    def _decode_identity(self, value: bytes) -> IdentityRecord:
         try:
-            record = decode_map(kv.value)
-        except RecordError:
-            return  # garbage is the coordinator's to overwrite, not a reason to refuse
-        cfg = self._config
-        if (record.partitions, record.replica_factor) != (cfg.partitions, cfg.replica_factor):
+            return decode_identity(value)
+        except RecordError as exc:
+            key = self._layout.cluster.decode()
             raise ClusterMismatch(
-                f"the cluster at {self._layout.prefix!r} has partitions={record.partitions}, "
-                f"replica_factor={record.replica_factor}; this node is configured with "
+                f"the cluster identity at {key} is unreadable ({exc}); it holds the cluster's "
+                "partitions and replica_factor: restore it, or delete it (etcdctl del "
+                f"{key}) to have the next node store it again from the partition map"
+            ) from None
+
+    def _compare(self, stored: IdentityRecord) -> None:
+        cfg = self._config
+        prefix = self._layout.prefix
+        if (stored.partitions, stored.replica_factor) != (cfg.partitions, cfg.replica_factor):
+            raise ClusterMismatch(
+                f"the cluster at {prefix!r} has partitions={stored.partitions}, "
+                f"replica_factor={stored.replica_factor}; this node is configured with "
                 f"partitions={cfg.partitions}, replica_factor={cfg.replica_factor}"
+            )
+        if stored.hash_function != HASH_FUNCTION:
+            raise ClusterMismatch(
+                f"the cluster at {prefix!r} hashes keys with {stored.hash_function!r}; this "
+                f"node only knows {HASH_FUNCTION!r}"
+            )
+        if stored.map_format not in MAP_FORMATS:
+            raise ClusterMismatch(
+                f"the cluster at {prefix!r} stores its partition map in format "
+                f"{stored.map_format}; this node reads formats {MAP_FORMATS}"
             )
 
     async def _rejoin(self) -> None:
@@ -192,7 +285,7 @@ class MembershipActor:
         backoff = 0.1
         while not self.left:
             try:
-                await self._join()
+                await self._join(rejoin=True)
                 return
             except (NodeIdConflict, ClusterMismatch):
                 raise

@@ -8,9 +8,12 @@
 | ``P/ready/<pt>/<node_id>`` | ``"1"``                 | node session       |
 | ``P/leaders/<pt>``         | node id                 | leader's session   |
 | ``P/secret``               | peer secret (hex)       | none               |
+| ``P/cluster``              | cluster identity (JSON) | none               |
 
 ``P/secret`` is created by the first node when the config gives no ``cluster_secret``: the
-peers' shared secret is then as safe as read access to the prefix.
+peers' shared secret is then as safe as read access to the prefix. ``P/cluster`` is created
+once, by the first node that joins: P, R, the hash function and the map format every later
+node must share (checked before a node registers).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Literal
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
-KeyKind = Literal["node", "coordinator", "map", "ready", "leader", "secret"]
+KeyKind = Literal["node", "coordinator", "map", "ready", "leader", "secret", "cluster"]
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -55,6 +58,7 @@ class KeyLayout:
         self.ready_prefix = self.root + b"ready/"
         self.leaders_prefix = self.root + b"leaders/"
         self.secret = self.root + b"secret"
+        self.cluster = self.root + b"cluster"
 
     def __repr__(self) -> str:
         return f"KeyLayout({self.prefix!r})"
@@ -83,6 +87,8 @@ class KeyLayout:
             return ParsedKey("coordinator")
         if text == "secret":
             return ParsedKey("secret")
+        if text == "cluster":
+            return ParsedKey("cluster")
         kind, _, tail = text.partition("/")
         if kind == "nodes" and valid_node_id(tail):
             return ParsedKey("node", node_id=tail)

@@ -363,3 +363,64 @@ def map_version_hint(value: bytes) -> int | None:
     if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
         return version
     return None
+
+
+# -- the cluster's identity (``P/cluster``) --------------------------------------------------
+
+IDENTITY_FORMAT = 1
+HASH_FUNCTION = "mmh3-x86_32-seed0"
+"""How keys pick partitions: MurmurHash3 x86 32-bit, seed 0, unsigned, mod P."""
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    """What every node of a cluster must agree on, stored once at ``P/cluster``.
+
+    Attributes:
+        partitions: P.
+        replica_factor: R.
+        hash_function: how keys pick partitions (:data:`HASH_FUNCTION`).
+        map_format: the partition map format the cluster was created with.
+    """
+
+    partitions: int
+    replica_factor: int
+    hash_function: str = HASH_FUNCTION
+    map_format: int = MAP_FORMAT
+
+
+def encode_identity(record: IdentityRecord) -> bytes:
+    """The JSON value of ``P/cluster``."""
+    return json.dumps(
+        {
+            "format": IDENTITY_FORMAT,
+            "partitions": record.partitions,
+            "replica_factor": record.replica_factor,
+            "hash": record.hash_function,
+            "map_format": record.map_format,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_identity(value: bytes) -> IdentityRecord:
+    """Parse ``P/cluster``.
+
+    Raises:
+        RecordError: the value is not exactly an identity record clusterkit writes.
+    """
+    obj = _load(value, "cluster identity")
+    if not isinstance(obj, dict) or obj.get("format") != IDENTITY_FORMAT:
+        raise RecordError(f"cluster identity must be an object with format {IDENTITY_FORMAT}")
+    fields = ("partitions", "replica_factor", "map_format")
+    for name in fields:
+        v = obj.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RecordError(f"cluster identity {name} must be a positive integer")
+    hash_function = obj.get("hash")
+    if not isinstance(hash_function, str) or not hash_function:
+        raise RecordError("cluster identity hash must be a non-empty string")
+    return IdentityRecord(
+        obj["partitions"], obj["replica_factor"], hash_function, obj["map_format"]
+    )

@@ -229,6 +229,8 @@ class ViewState:
             match parsed.kind:
                 case "secret":
                     pass
+                case "cluster":
+                    pass
                 case "node":
                     self._routing_dirty = True
                     self._nodes_dirty = True
