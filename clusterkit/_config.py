@@ -7,8 +7,13 @@ Every value is checked when the object is built, so a bad config raises
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import math
+import os
+import re
+import shutil
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +25,16 @@ from ._etcd.channel import EtcdConfig
 MAP_REQUEST_LIMIT = 1_572_864 - 16_384
 """Bytes a stored partition map may take: etcd's default ``--max-request-bytes`` (1.5 MiB)
 less room for the rest of the map's Txn (up to 127 marker deletions)."""
+
+ENV_ETCD_ENDPOINTS = "CLUSTERKIT_ETCD_ENDPOINTS"
+"""Environment variable read when a config gives no ``etcd_endpoints``: comma-separated
+``host:port`` of the etcd members (say, the endpoint another node's embedded etcd logged)."""
+
+MIN_HEARTBEAT = 0.05
+MAX_SESSION_TTL = 3600.0
+MAX_METADATA_BYTES = 64 * 1024
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 Hook = Callable[..., Awaitable[None] | None]
 """A hook: an async function (a plain function is accepted too)."""
@@ -58,14 +73,92 @@ def _check_secret(value: object) -> None:
         raise ConfigError("cluster_secret", "must be None or a str/bytes of at least 16")
 
 
+def valid_host(host: str) -> bool:
+    """An IP address (IPv6 possibly in brackets) or a DNS host name (labels of letters,
+    digits, ``-`` and ``_``); checked by syntax only, nothing is resolved."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            return ipaddress.ip_address(host).version == 6
+        except ValueError:
+            return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(x) for x in name.split("."))
+
+
+def parse_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int] | None:
+    """``host:port`` (IPv6 in brackets) -> (host, port), or None when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not valid_host(host):
+        return None
+    number = int(port)
+    if not (0 if allow_zero else 1) <= number <= 65535:
+        return None
+    return host.strip("[]"), number
+
+
+def _check_endpoint(field: str, endpoint: object, source: str = "") -> None:
+    if not isinstance(endpoint, str):
+        raise ConfigError(field, f"{source}must be host:port strings, got {endpoint!r}")
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "", endpoint
+    if scheme not in ("", "http", "https") or parse_host_port(rest) is None:
+        raise ConfigError(
+            field,
+            f"{source}{endpoint!r} is not [http(s)://]host:port (a host name or IP address, "
+            "port 1-65535)",
+        )
+
+
+def env_etcd_endpoints() -> tuple[str, ...]:
+    """The endpoints in ``$CLUSTERKIT_ETCD_ENDPOINTS`` (empty when unset or blank)."""
+    raw = os.environ.get(ENV_ETCD_ENDPOINTS, "")
+    return tuple(ep.strip() for ep in raw.split(",") if ep.strip())
+
+
 def _check_etcd_location(config: Config | ClientConfig) -> None:
-    """``etcd_endpoints`` (made a tuple) and ``etcd_prefix``, shared by both configs."""
+    """``etcd_endpoints`` (made a tuple; from ``$CLUSTERKIT_ETCD_ENDPOINTS`` when empty) and
+    ``etcd_prefix``, shared by both configs."""
     if isinstance(config.etcd_endpoints, str):
         raise ConfigError("etcd_endpoints", "must be a list of host:port strings, not a str")
-    object.__setattr__(config, "etcd_endpoints", tuple(config.etcd_endpoints))
+    try:
+        endpoints = tuple(config.etcd_endpoints)
+    except TypeError:
+        raise ConfigError("etcd_endpoints", "must be a list of host:port strings") from None
+    source = ""
+    if not endpoints:
+        endpoints = env_etcd_endpoints()
+        source = f"${ENV_ETCD_ENDPOINTS}: "
+    for endpoint in endpoints:
+        _check_endpoint("etcd_endpoints", endpoint, source)
+    object.__setattr__(config, "etcd_endpoints", endpoints)
     prefix = config.etcd_prefix
     if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.rstrip("/") == "":
         raise ConfigError("etcd_prefix", "must start with '/' and name a non-root prefix")
+    if not prefix.isprintable() or any(c.isspace() for c in prefix) or len(prefix) > 256:
+        raise ConfigError(
+            "etcd_prefix", "must be at most 256 printable characters, without spaces or newlines"
+        )
+
+
+def _check_logger(value: object) -> None:
+    if value is not None and not isinstance(value, logging.Logger):
+        raise ConfigError("logger", "must be a logging.Logger (logging.getLogger(...)) or None")
+
+
+def _check_pem_file(name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, "must be a path to a PEM file, or None")
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ConfigError(name, f"{value!r} is not a readable file")
 
 
 def _etcd_config(
@@ -97,10 +190,51 @@ def _check_max_message(value: object) -> None:
 
 def _check_peer_tls(cert: object, key: object, ca: object) -> None:
     for name, value in (("peer_tls_cert", cert), ("peer_tls_key", key), ("peer_tls_ca", ca)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(name, "must be a path to a PEM file, or None")
+        _check_pem_file(name, value)
     if (cert is None) != (key is None):
         raise ConfigError("peer_tls_cert", "peer_tls_cert and peer_tls_key go together")
+
+
+def _check_embedded(config: Config) -> None:
+    binary = config.embedded_etcd_binary
+    if binary is not None:
+        if not isinstance(binary, str | os.PathLike) or not os.fspath(binary):
+            raise ConfigError("embedded_etcd_binary", "must be a path to an etcd binary, or None")
+        if shutil.which(os.fspath(binary)) is None:
+            raise ConfigError(
+                "embedded_etcd_binary", f"{os.fspath(binary)!r} is not an executable file"
+            )
+    data_dir = config.embedded_etcd_dir
+    if data_dir is not None:
+        if not isinstance(data_dir, str | os.PathLike) or not os.fspath(data_dir):
+            raise ConfigError("embedded_etcd_dir", "must be a directory path, or None")
+        if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise ConfigError("embedded_etcd_dir", f"{os.fspath(data_dir)!r} is not a directory")
+    bind = config.embedded_etcd_bind
+    parsed = None
+    if isinstance(bind, str):
+        parsed = (
+            (bind.strip("[]"), 0) if valid_host(bind) else parse_host_port(bind, allow_zero=True)
+        )
+    if parsed is None:
+        raise ConfigError(
+            "embedded_etcd_bind",
+            "must be a host or host:port to serve the embedded etcd on (port 0: a free port)",
+        )
+
+
+def _check_metadata(value: object) -> None:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError("metadata", "must map non-empty strings to strings")
+    size = len(json.dumps(dict(value), separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ConfigError(
+            "metadata",
+            f"encodes to {size:,} bytes; at most {MAX_METADATA_BYTES:,} (it is in the node's "
+            "etcd record, which every node and client reads)",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,18 +247,24 @@ class Config:
         http_port: port of the peer (websocket) endpoint; 0 picks a free port. Default 8080.
         grpc_port: port of the gRPC endpoint advertised to other languages. Default 9000.
         partitions: P, the number of partitions; fixed for the cluster's life. Default 256.
+            Bounded so the partition map (one etcd value) stays under etcd's 1.5 MiB request
+            limit: up to 68,782 with R=3 (151,322 with R=1, 44,506 with R=5).
         replica_factor: R, replicas per partition; fixed for the cluster's life. Default 3.
-        etcd_endpoints: etcd members to use; empty starts an embedded etcd for this node.
+        etcd_endpoints: etcd members to use (``host:port``). Empty: the comma-separated
+            ``$CLUSTERKIT_ETCD_ENDPOINTS`` if set, else an embedded etcd for this node (which
+            logs the endpoint other nodes must use, also ``ck.etcd_endpoints``).
         etcd_prefix: the key prefix of this cluster in etcd. Default ``"/clusterkit"``.
-        session_ttl: seconds after which a silent node is considered dead. Default 10.
-        heartbeat_interval: seconds between lease keepalives. Default session_ttl / 3.
+        session_ttl: seconds after which a silent node is considered dead, 1 to 3600.
+            Default 10.
+        heartbeat_interval: seconds between lease keepalives, 0.05 to session_ttl / 2.
+            Default session_ttl / 3.
         rebalance_delay: seconds membership must be quiet before partitions move. Default 5.
         rebalance_max_delay: upper bound on that wait under constant churn.
             Default 4 x rebalance_delay.
         on_partition_assigned, on_partition_unassigned, on_leader_elected, on_leader_lost,
         on_replica_added, on_replica_removed: the six hooks (see the README).
-        metadata: free-form strings published in this node's record.
-        logger: the logger to use. Default ``logging.getLogger("clusterkit")``.
+        metadata: free-form strings published in this node's record (at most 64 KiB as JSON).
+        logger: a :class:`logging.Logger`. Default ``logging.getLogger("clusterkit")``.
         metrics_port: port of the Prometheus endpoint; 0 picks a free port, None disables it.
             Default 2112.
         etcd_ca_cert, etcd_cert, etcd_key: TLS to etcd (PEM paths or bytes).
@@ -133,6 +273,9 @@ class Config:
         etcd_request_timeout: deadline of each etcd call. Default 5.
         embedded_etcd_binary: etcd binary for the embedded etcd (default: see README).
         embedded_etcd_dir: data directory for the embedded etcd (default: temporary).
+        embedded_etcd_bind: ``host`` or ``host:port`` the embedded etcd serves clients on, so
+            other nodes can use it (``0.0.0.0``: every interface, advertised as
+            advertise_addr). Default ``127.0.0.1`` (this machine only), on a free port.
         hook_concurrency: hooks of different partitions that may run at once. Default 16.
         cluster_secret: the secret peers (and routing clients) prove they know when they
             connect. Default None: the first node stores a random one at ``P/secret`` and
@@ -174,6 +317,7 @@ class Config:
     etcd_request_timeout: float = 5.0
     embedded_etcd_binary: str | None = None
     embedded_etcd_dir: str | None = None
+    embedded_etcd_bind: str = "127.0.0.1"
     hook_concurrency: int = 16
     cluster_secret: str | bytes | None = field(default=None, repr=False)
     bind_addr: str | None = None
@@ -188,8 +332,10 @@ class Config:
             raise ConfigError(
                 "node_id", "1-128 characters of A-Z a-z 0-9 . _ : - (no leading symbol)"
             )
-        if not isinstance(self.advertise_addr, str) or not self.advertise_addr:
-            raise ConfigError("advertise_addr", "must be a non-empty host name or address")
+        if not isinstance(self.advertise_addr, str) or not valid_host(self.advertise_addr):
+            raise ConfigError(
+                "advertise_addr", "must be a host name or IP address (no port, no spaces)"
+            )
         _port("http_port", self.http_port)
         _port("grpc_port", self.grpc_port)
         _port("metrics_port", self.metrics_port, allow_none=True)
@@ -204,17 +350,27 @@ class Config:
                 "partitions",
                 f"with replica_factor={self.replica_factor} the partition map could reach "
                 f"{max_map_bytes(self.partitions, self.replica_factor):,} bytes (every "
-                "partition moving, up to 1,000 nodes), over etcd's 1.5 MiB request limit: "
-                "use fewer partitions or replicas",
+                "partition moving, up to 1,000 nodes), over etcd's 1.5 MiB request limit (the "
+                "map is one etcd value, never split): use fewer partitions or replicas",
             )
         _check_etcd_location(self)
         _positive("session_ttl", self.session_ttl)
         if self.session_ttl < 1:
             raise ConfigError("session_ttl", "must be >= 1 second (etcd leases are whole seconds)")
+        if self.session_ttl > MAX_SESSION_TTL:
+            raise ConfigError(
+                "session_ttl",
+                f"must be <= {MAX_SESSION_TTL:.0f} s (a crashed node keeps its partitions and "
+                "leaderships this long)",
+            )
         if self.heartbeat_interval is None:
             object.__setattr__(self, "heartbeat_interval", self.session_ttl / 3)
         _positive("heartbeat_interval", self.heartbeat_interval)
         assert self.heartbeat_interval is not None
+        if self.heartbeat_interval < MIN_HEARTBEAT:
+            raise ConfigError(
+                "heartbeat_interval", f"must be >= {MIN_HEARTBEAT} s (one keepalive per beat)"
+            )
         if self.heartbeat_interval > self.session_ttl / 2:
             raise ConfigError(
                 "heartbeat_interval", "must be <= session_ttl / 2 (one lost keepalive is normal)"
@@ -240,10 +396,8 @@ class Config:
             hook = getattr(self, name)
             if hook is not None and not callable(hook):
                 raise ConfigError(name, "must be a function (async or plain) or None")
-        if not isinstance(self.metadata, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
-        ):
-            raise ConfigError("metadata", "must map strings to strings")
+        _check_metadata(self.metadata)
+        _check_logger(self.logger)
         if (
             not isinstance(self.hook_concurrency, int)
             or isinstance(self.hook_concurrency, bool)
@@ -256,9 +410,10 @@ class Config:
             self.etcd_config()  # validates endpoints, TLS and auth pairs
         _check_secret(self.cluster_secret)
         if self.bind_addr is not None and (
-            not isinstance(self.bind_addr, str) or not self.bind_addr
+            not isinstance(self.bind_addr, str) or not valid_host(self.bind_addr)
         ):
-            raise ConfigError("bind_addr", "must be a non-empty address or None")
+            raise ConfigError("bind_addr", "must be a host name or IP address (no port), or None")
+        _check_embedded(self)
         _positive("peer_timeout", self.peer_timeout)
         _check_peer_tls(self.peer_tls_cert, self.peer_tls_key, self.peer_tls_ca)
         _check_max_message(self.peer_max_message)
@@ -283,7 +438,8 @@ class ClientConfig:
     """Configuration of a routing client (:func:`clusterkit.open_client`).
 
     Attributes:
-        etcd_endpoints: etcd members to read the cluster from (required).
+        etcd_endpoints: etcd members to read the cluster from. Empty: the comma-separated
+            ``$CLUSTERKIT_ETCD_ENDPOINTS``; one of the two is required.
         etcd_prefix: the cluster's key prefix. Default ``"/clusterkit"``.
         cache_enabled: keep a watch-updated view of the cluster (default True). False: read
             the cluster from etcd before every routing call that waits (``request``,
@@ -301,7 +457,7 @@ class ClientConfig:
         logger: the logger to use. Default ``logging.getLogger("clusterkit.client")``.
     """
 
-    etcd_endpoints: Sequence[str]
+    etcd_endpoints: Sequence[str] = ()
     etcd_prefix: str = "/clusterkit"
     cache_enabled: bool = True
     cache_ttl: float = 30.0
@@ -321,7 +477,10 @@ class ClientConfig:
     def __post_init__(self) -> None:
         _check_etcd_location(self)
         if not self.etcd_endpoints:
-            raise ConfigError("etcd_endpoints", "a client needs at least one etcd endpoint")
+            raise ConfigError(
+                "etcd_endpoints",
+                f"a client needs at least one etcd endpoint (or ${ENV_ETCD_ENDPOINTS})",
+            )
         if not isinstance(self.cache_enabled, bool):
             raise ConfigError("cache_enabled", "must be True or False")
         for name in ("cache_ttl", "dial_timeout", "request_timeout"):
@@ -333,6 +492,7 @@ class ClientConfig:
             raise ConfigError("client_id", "must be 1-128 characters, or None")
         _check_peer_tls(None, None, self.peer_tls_ca)
         _check_max_message(self.peer_max_message)
+        _check_logger(self.logger)
         self.etcd_config()
 
     @property
