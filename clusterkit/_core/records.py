@@ -98,6 +98,8 @@ def _load(value: bytes, what: str) -> Any:
         return json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise RecordError(f"{what} is nested too deeply") from None
 
 
 def _str_map(obj: Any, what: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ from clusterkit._core.records import (
     MapRecord,
     RecordError,
     decode_map,
+    decode_node,
     encode_map,
     map_version_hint,
     max_map_bytes,
@@ -174,3 +175,14 @@ def test_node_ids_are_computed_once() -> None:
     record = MapRecord(1, 2, 2, (("a", "b"), ("b", "a")), {0: ("a", "c")})
     assert record.node_ids() == {"a", "b", "c"}
     assert record.node_ids() is record.node_ids()
+
+
+def test_deep_nesting_is_a_record_error() -> None:
+    """json.loads raises RecursionError on deep nesting: it must not escape the decoders
+    (the watcher only expects RecordError from them)."""
+    for value in (b"[" * 100_000, b'{"a":' * 100_000):
+        with pytest.raises(RecordError):
+            decode_map(value)
+        with pytest.raises(RecordError):
+            decode_node(value, "n1")
+        assert map_version_hint(value) is None
