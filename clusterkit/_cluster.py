@@ -11,6 +11,7 @@ real error (an actor failed, e.g. NodeIdConflict at start) is raised as itself.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -28,7 +29,7 @@ from ._actors.partitions import Leadership, PartitionContext, PartitionSuperviso
 from ._actors.rebalancer import RebalancerActor
 from ._actors.watcher import WatcherActor
 from ._boundary import reraise
-from ._config import Config
+from ._config import ENV_ETCD_ENDPOINTS, Config
 from ._core.keys import KeyLayout
 from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView
@@ -116,6 +117,12 @@ class ClusterKit:
     def node(self) -> Node:
         """This node's own record."""
         return self._node
+
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        """The etcd endpoints this node uses: the config's, ``$CLUSTERKIT_ETCD_ENDPOINTS``,
+        or its embedded etcd's (give these to other nodes so they join this cluster)."""
+        return tuple(self.etcd.config.endpoints)
 
     @property
     def view(self) -> ClusterView:
@@ -324,12 +331,46 @@ class ClusterKit:
 
 @asynccontextmanager
 async def _etcd_endpoints(config: Config) -> AsyncIterator[tuple[str, ...]]:
+    """The etcd endpoints to use: the config's (``$CLUSTERKIT_ETCD_ENDPOINTS`` is read into
+    it by :class:`Config`), else those of an embedded etcd started for the block.
+
+    The embedded etcd serves clients on ``embedded_etcd_bind``; a wildcard bind is advertised
+    as ``advertise_addr``. Starting one is logged once, with the endpoint other nodes must be
+    given: without it, every node started without endpoints is a cluster of its own.
+    """
     if config.etcd_endpoints:
         yield tuple(config.etcd_endpoints)
         return
+    host, port = config.embedded_etcd_address()
+    wildcard = host in ("0.0.0.0", "::")
+    dialed = config.advertise_addr if wildcard else host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
     async with open_embedded_etcd(
-        binary=config.embedded_etcd_binary, data_dir=config.embedded_etcd_dir
+        binary=config.embedded_etcd_binary,
+        data_dir=config.embedded_etcd_dir,
+        client_host=f"[{dialed}]" if ":" in dialed else dialed,  # IPv6 in brackets
+        client_listen=f"[{host}]" if ":" in host else host,
+        client_port=port,
     ) as etcd:
+        endpoint = ",".join(etcd.endpoints)
+        reach = (
+            "loopback: this machine only; set embedded_etcd_bind to serve other machines"
+            if loopback
+            else f"served on {config.embedded_etcd_bind}"
+        )
+        config.log.warning(
+            "clusterkit %s: no etcd_endpoints and no $%s: started an embedded etcd at %s "
+            "(%s). Other nodes join this cluster only with CLUSTERKIT_ETCD_ENDPOINTS=%s (or "
+            "etcd_endpoints); else each is a cluster of its own",
+            config.node_id,
+            ENV_ETCD_ENDPOINTS,
+            endpoint,
+            reach,
+            endpoint,
+        )
         yield etcd.endpoints
 
 
@@ -348,7 +389,11 @@ def _node_record(config: Config, http: str) -> Node:
 async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
     """Join the cluster for the duration of the ``async with`` block.
 
-    With no ``etcd_endpoints`` an embedded etcd is started for this node and stopped on exit.
+    etcd is reached at ``config.etcd_endpoints`` (which :class:`Config` fills from
+    ``$CLUSTERKIT_ETCD_ENDPOINTS`` when the config names none). With neither, an embedded etcd
+    is started for this node (serving clients on ``embedded_etcd_bind``) and stopped on exit;
+    its endpoint is logged once (a warning: until other nodes are given it, this node is a
+    cluster of one) and is ``ck.etcd_endpoints``.
     Leaving the block (normally, by an exception or by cancellation) revokes the node's
     session so the other nodes see it leave at once.
 
@@ -358,7 +403,9 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
     Raises:
         ConfigError: ``config`` is invalid (raised by :class:`Config` itself).
         NodeIdConflict: another live node has this node id.
-        ClusterMismatch: the stored cluster has another P or R.
+        ClusterMismatch: the cluster stored under the prefix (``P/cluster``) has another P,
+            R, hash function or map format, or that record is unreadable; raised before
+            this node registers.
         EtcdUnavailable: etcd did not answer within ``etcd_dial_timeout``.
     """
     if not isinstance(config, Config):

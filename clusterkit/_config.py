@@ -428,6 +428,15 @@ class Config:
         chosen = endpoints if endpoints is not None else self.etcd_endpoints
         return _etcd_config(self, chosen, self.etcd_dial_timeout, self.etcd_request_timeout)
 
+    def embedded_etcd_address(self) -> tuple[str, int]:
+        """``embedded_etcd_bind`` as (host without brackets, port; 0: a free port)."""
+        bind = self.embedded_etcd_bind
+        if valid_host(bind):
+            return bind.strip("[]"), 0
+        parsed = parse_host_port(bind, allow_zero=True)
+        assert parsed is not None  # checked in __post_init__
+        return parsed
+
     def hooks(self) -> dict[str, Hook]:
         """The hooks that are set, by name."""
         return {n: h for n in HOOK_NAMES if (h := getattr(self, n)) is not None}

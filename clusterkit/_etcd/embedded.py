@@ -155,6 +155,8 @@ class EtcdProcess:
     peer_port: int
     extra_args: tuple[str, ...] = ()
     tls: ServerTLS | None = None
+    client_host: str | None = None  # the address clients dial (default: host)
+    client_listen: str | None = None  # the address the client port binds (default: client_host)
     initial_cluster: str | None = None
     cluster_token: str = "clusterkit"
     version: str = ""
@@ -163,7 +165,7 @@ class EtcdProcess:
     @property
     def endpoint(self) -> str:
         """``host:port`` of the client URL."""
-        return f"{self.host}:{self.client_port}"
+        return f"{self.client_host or self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -175,7 +177,8 @@ class EtcdProcess:
 
     def args(self, *, new_cluster: bool) -> list[str]:
         scheme = "https" if self.tls else "http"
-        client_url = f"{scheme}://{self.host}:{self.client_port}"
+        client_url = f"{scheme}://{self.endpoint}"
+        listen = self.client_listen or self.client_host or self.host
         args = [
             self.binary,
             "--name",
@@ -183,7 +186,7 @@ class EtcdProcess:
             "--data-dir",
             str(self.data_dir),
             "--listen-client-urls",
-            client_url,
+            f"{scheme}://{listen}:{self.client_port}",
             "--advertise-client-urls",
             client_url,
             "--listen-peer-urls",
@@ -349,6 +352,9 @@ async def open_embedded_etcd(
     extra_args: Sequence[str] = (),
     tls: ServerTLS | None = None,
     startup_timeout: float = 10.0,
+    client_host: str | None = None,
+    client_listen: str | None = None,
+    client_port: int = 0,
 ) -> AsyncIterator[EmbeddedEtcd]:
     """Run a local etcd (one member, or a ``size``-member cluster) for the ``async with``.
 
@@ -367,6 +373,11 @@ async def open_embedded_etcd(
         extra_args: more etcd command-line flags for every member.
         tls: serve clients over TLS with these files.
         startup_timeout: seconds to wait for the members to answer.
+        client_host: a single member's client address, as clients dial it (default: host),
+            to offer the etcd to other machines; IPv6 in brackets.
+        client_listen: the address its client port binds (default: client_host), e.g.
+            ``0.0.0.0``; peer (raft) ports stay on ``host``.
+        client_port: its client port (default 0: a free port).
 
     Yields:
         :class:`EmbeddedEtcd` with the client endpoints and the member processes.
@@ -376,6 +387,8 @@ async def open_embedded_etcd(
     """
     if size < 1:
         raise EmbeddedEtcdError("size must be >= 1")
+    if size > 1 and (client_host or client_listen or client_port):
+        raise EmbeddedEtcdError("client_host, client_listen and client_port are for one member")
     exe = find_etcd_binary(binary)
     workdir = Path(tempfile.mkdtemp(prefix="clusterkit-etcd-"))
     root = Path(data_dir) if data_dir is not None else workdir
@@ -390,10 +403,13 @@ async def open_embedded_etcd(
                     data_dir=root / f"m{i}.etcd",
                     log_path=workdir / f"m{i}.log",
                     host=host,
-                    client_port=free_port(host),
+                    client_port=client_port
+                    or free_port((client_listen or client_host or host).strip("[]")),
                     peer_port=free_port(host),
                     extra_args=(*raft, *extra_args),
                     tls=tls,
+                    client_host=client_host,
+                    client_listen=client_listen,
                 )
                 for i in range(size)
             ]
