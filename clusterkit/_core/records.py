@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import compress
@@ -245,6 +245,42 @@ class _Rows:
             self.moving[text] = self._row(target, text)
         self.committed[text] = row
 
+    def add_all(self, texts: Collection[object]) -> None:
+        """Parse many row strings (raises RecordError for the first bad one).
+
+        Full rows without a move, the bulk of a map, are parsed column by column with C
+        loops (slices of their concatenation); the others, and every row of a batch with a
+        bad one, one by one.
+        """
+        size = self.r * self.width
+        plain = [t for t in texts if type(t) is str and len(t) == size and ">" not in t]
+        if len(plain) >= _BULK_ROWS:
+            rows = self._bulk(plain)
+            if rows is not None:
+                self.committed.update(zip(plain, rows, strict=True))
+        for text in texts:
+            if text not in self.committed:
+                self.add(text)
+
+    def _bulk(self, plain: list[str]) -> list[tuple[str, ...]] | None:
+        r, width = self.r, self.width
+        joined, stride, get = "".join(plain), r * width, self.lookup.__getitem__
+        columns = []
+        for j in range(r):
+            if width == 1:
+                keys: Iterable[str] = joined[j::stride]
+            else:
+                digits = (joined[j * width + q :: stride] for q in range(width))
+                keys = map("".join, zip(*digits, strict=True))
+            columns.append(map(get, keys))
+        try:
+            rows = list(zip(*columns, strict=True))
+        except KeyError:
+            return None  # an index outside the table: the row-by-row pass names it
+        if r > 1 and min(map(len, map(set, rows))) != r:
+            return None  # a node twice in some row: likewise
+        return rows
+
     def _row(self, text: str, whole: str) -> tuple[str, ...]:
         width, n = self.width, len(text)
         if n % width or n > self.r * width:
@@ -261,6 +297,7 @@ class _Rows:
 # The rows of the last node table decoded. Rows are immutable tuples of the table's own
 # strings, so maps that share rows share them (and compare them by identity first).
 _ROWS_CACHE = _Rows((), 1)
+_BULK_ROWS = 64  # new rows from which the column-wise parse pays
 
 
 def _decode_rows(
@@ -286,8 +323,7 @@ def _decode_rows(
     if cache.table != key or cache.r != r or len(cache.committed) > 4 * p + 1024:
         cache = _ROWS_CACHE = _Rows(key, r)
     committed, moving = cache.committed, cache.moving
-    for text in distinct.difference(committed):  # only rows never seen with this table
-        cache.add(text)
+    cache.add_all(distinct.difference(committed))  # only rows never seen with this table
     replicas = tuple(map(committed.__getitem__, rows))
     pending: dict[int, tuple[str, ...]] = {}
     if moving:

@@ -186,3 +186,27 @@ def test_deep_nesting_is_a_record_error() -> None:
         with pytest.raises(RecordError):
             decode_node(value, "n1")
         assert map_version_hint(value) is None
+
+
+@pytest.mark.parametrize("nodes", [8, 64])
+def test_the_column_wise_parse_of_many_rows_is_as_strict_as_the_row_wise_one(
+    nodes: int,
+) -> None:
+    """Maps with many distinct full rows take the bulk path (one and two digit indices)."""
+    ids = [f"n{i:02d}" for i in range(nodes)]
+    record = plan(None, ids, (), (), 512, 3).record
+    raw = json.loads(encode_map(record))
+    assert len(set(raw["rows"])) >= 64
+    assert decode_map(json.dumps(raw).encode()) == record
+    width = len(raw["rows"][0]) // 3
+    bad_rows = [
+        "9" * width * 3,  # an index outside the table
+        raw["rows"][1][:width] * 3,  # a node three times
+        "x" * width * 3,  # not digits
+    ]
+    for bad in bad_rows:
+        rows = [*raw["rows"][:-1], bad]
+        with pytest.raises(RecordError):
+            decode_map(json.dumps({**raw, "rows": rows}).encode())
+    # and a good map of the same table still decodes afterwards (nothing bad was cached)
+    assert decode_map(json.dumps(raw).encode()) == record
