@@ -39,6 +39,13 @@ Phases and goals:
    itself adds under that load. The client's lease calls and keepalive stream run on a
    bridge (loop thread) and connection of their own; what remains is mostly Trio scheduling
    (the caller's task waits its turn among 100 busy tasks).
+4b. keepalives with a starved Trio loop (one app task burning 100 ms of CPU between checkpoints,
+   four such tasks, one task blocking 0.5 s in ``time.sleep``): a 2 s lease kept alive by
+   ``client.keepalive_pump`` (sent and recorded on the lease bridge's loop thread) against one
+   kept alive by a Trio task calling ``lease_keepalive`` every TTL/3, at the same time. The
+   metric is the smallest margin (``sent_at + ttl`` of the newest acknowledgement minus now)
+   the Trio side saw at any of its checkpoints (goal for the pump: > 0, never lapsed); a
+   negative margin or an expired lease is a lost session.
 5. Python threads with 1 watch against 50 watches and 20 leases kept alive, and against
    1 watch + 1 lease (goal: equal: streams are tasks on the bridge's loop), and after the client
    is closed against before it was opened (goal: equal).
@@ -91,6 +98,7 @@ from clusterkit._etcd.embedded import (
     find_etcd_binary,
     free_port,
 )
+from clusterkit._etcd.lease import KeepAlivePump
 from clusterkit._etcd.pb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 
 TIMEOUT = 5.0  # the gRPC deadline of every call, all sides
@@ -686,6 +694,99 @@ async def keepalive_under_load(
     report.details.append(f"keepalive sync thread, same time {dist(baseline)}")
 
 
+# -- 4b. keepalives with a starved Trio loop ------------------------------------------------
+
+STARVE_TTL = 2
+STARVE_RUN = 6.0  # seconds per load
+# (name, app tasks, seconds each holds the Trio thread between checkpoints, blocking sleep)
+STARVE_LOADS: tuple[tuple[str, int, float, bool], ...] = (
+    ("burn 100 ms", 1, 0.1, False),
+    ("4x burn 100 ms", 4, 0.1, False),
+    ("block 0.5 s", 1, 0.5, True),
+)
+
+
+async def keepalive_starved(client: clusterkit.EtcdClient, report: Report) -> None:
+    """Pump against ordinary keepalives while app tasks starve the Trio loop."""
+    for load in STARVE_LOADS:
+        await _keepalive_starved_once(client, report, *load)
+
+
+async def _keepalive_starved_once(
+    client: clusterkit.EtcdClient,
+    report: Report,
+    name: str,
+    tasks: int,
+    slice_s: float,
+    blocking: bool,
+) -> None:
+    interval = STARVE_TTL / 3
+    pumped = await client.lease_grant(STARVE_TTL)
+    ordinary = await client.lease_grant(STARVE_TTL)
+    ordinary_deadline = trio.current_time() + STARVE_TTL
+    rtts: list[int] = []
+    expired = False
+    margins = {"pump": math.inf, "ordinary": math.inf}
+
+    async def keep_ordinary() -> None:
+        nonlocal ordinary_deadline, expired
+        while True:
+            t0 = clock()
+            try:
+                ka = await client.lease_keepalive(ordinary.id)
+            except clusterkit.LeaseNotFound:
+                expired = True
+                return
+            rtts.append(clock() - t0)
+            ordinary_deadline = max(ordinary_deadline, ka.sent_at + ka.ttl)
+            await trio.sleep(interval)
+
+    async def starve(pump: KeepAlivePump) -> None:
+        while True:
+            if blocking:
+                time.sleep(slice_s)  # noqa: ASYNC251 - the load under test
+            else:
+                end = time.perf_counter() + slice_s
+                while time.perf_counter() < end:
+                    pass
+            now = trio.current_time()
+            pump.checkin()
+            latest = pump.latest()
+            assert latest is not None
+            margins["pump"] = min(margins["pump"], latest.sent_at + latest.ttl - now)
+            margins["ordinary"] = min(margins["ordinary"], ordinary_deadline - now)
+            await trio.lowlevel.checkpoint()
+
+    async with client.keepalive_pump(pumped.id, interval, stall_limit=3 * STARVE_TTL) as pump:
+        with trio.fail_after(5):
+            await pump.wait_newer(None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_ordinary)
+            for _ in range(tasks):
+                nursery.start_soon(starve, pump)
+            await trio.sleep(STARVE_RUN)
+            nursery.cancel_scope.cancel()
+        sends, acks = pump.sends, pump.acks
+    for lease in (pumped, ordinary):
+        with contextlib.suppress(clusterkit.LeaseNotFound):
+            await client.lease_revoke(lease.id)
+    pump_ns, ordinary_ns = margins["pump"] * 1e9, margins["ordinary"] * 1e9
+    report.rows.append(
+        Row(
+            f"keepalive pump, smallest margin, {name} (TTL {STARVE_TTL} s)",
+            ms(pump_ns),
+            "expired" if expired else ms(ordinary_ns),
+            "-",
+            "> 0 ms",
+            verdict(pump_ns > 0),
+        )
+    )
+    report.details.append(
+        f"starved ({name}): pump sent {sends}, acked {acks}; ordinary keepalive round trip "
+        f"{dist(rtts) if rtts else '-'}{', lease EXPIRED' if expired else ''}"
+    )
+
+
 # -- 5. threads ----------------------------------------------------------------------------
 
 
@@ -867,6 +968,7 @@ async def bench_server(binary: str, calls: int, python: str | None) -> Report:
             await watch_latency(client, calls, report)
             await concurrent(client, endpoint, calls, others, report)
             await keepalive_under_load(client, endpoint, calls, report)
+            await keepalive_starved(client, report)
     await startup(binary, report)
     return report
 
