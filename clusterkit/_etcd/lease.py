@@ -51,6 +51,11 @@ interval + ttl`` after the program's last sign of life. A longer ``stall_limit``
 longer stalls of a live program; a shorter one bounds how long a hung one keeps its partitions
 (and their leaderships) from the rest of the cluster. A program that stalls for longer than
 ``stall_limit`` loses its session on purpose.
+
+What the pump does not fix: the loop thread still needs the GIL. Pure-Python work in Trio
+gives it up every ``sys.getswitchinterval()`` (5 ms), so a starved Trio loop costs the pump
+milliseconds, not scheduling rounds; a C extension that holds the GIL for a long call stalls
+the pump too.
 """
 
 from __future__ import annotations
@@ -188,9 +193,11 @@ class KeepAlivePump:
         Raises:
             LeaseNotFound: the lease is gone; the pump has ended.
             KeepAliveStalled: the zombie guard stopped the pump.
-            EtcdUnavailable: the pump was stopped (client closed), or the stream broke while
-                this call waited; in that case the pump goes on (it re-opens the stream) and
-                the caller may wait again.
+            EtcdUnavailable: the pump was stopped (client closed or context exited).
+            EtcdError: the stream broke while this call waited (usually ``EtcdUnavailable``;
+                the translated error of the break). Then :attr:`failure` is still None: the
+                pump goes on (a new stream is opened) and the caller may wait again. Rule for
+                callers: an error with ``pump.failure is None`` is transient.
         """
         self.checkin()
         breaks = self.breaks
