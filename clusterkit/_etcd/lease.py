@@ -124,7 +124,8 @@ class KeepAlivePump:
         self._clock = clock  # the sending side's clock (perf_counter, or Trio's when virtual)
         self._offset = offset  # Trio time = clock() + offset
         self._notify_soon = notify_soon  # run a callable in Trio soon (from the sending side)
-        # Written by the sending side only; each is one attribute swap of an immutable value.
+        # Written by the sending side (and _failure by Trio when it stops the pump); each
+        # write is one attribute swap of an immutable value, so no lock is needed.
         self._latest: KeepAlive | None = None
         self._failure: EtcdError | None = None
         self.sends = 0
