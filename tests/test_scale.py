@@ -63,11 +63,19 @@ class Sampler:
         self.partitions = partitions
         self.overlaps = 0
         self.samples = 0
+        self.fewest_replicas: int | None = None  # make before break: never below R
+        self._map_seen: object = None
 
     async def run(self, interval: float) -> None:
         while True:
             self.samples += 1
             nodes = list(self.cluster.nodes.values())
+            record = nodes[0].ck.view.map if nodes else None
+            if record is not None and record is not self._map_seen:
+                self._map_seen = record
+                fewest = min(len(row) for row in record.replicas)
+                if self.fewest_replicas is None or fewest < self.fewest_replicas:
+                    self.fewest_replicas = fewest
             claimed: set[int] = set()
             for n in nodes:
                 for pt in list(n.ck._leadership.epochs):
@@ -119,6 +127,7 @@ async def one_join(partitions: int, nodes: int, *, sample: float) -> dict[str, A
         before = first.view.map
         assert before is not None
         start = cluster.store.revision
+        sampler.fewest_replicas = None  # from here on: the join's maps only
         await cluster.start("joiner")
         members = {*names, "joiner"}
         with trio.fail_after(120):
@@ -138,6 +147,7 @@ async def one_join(partitions: int, nodes: int, *, sample: float) -> dict[str, A
             "kinds": kinds,
             "moved": moved_replicas(before, after),
             "overlaps": sampler.overlaps,
+            "fewest_replicas": sampler.fewest_replicas,
             "samples": sampler.samples,
             "sessions_lost": lost,
             "errors": errors,
@@ -150,10 +160,20 @@ async def test_a_join_at_p_4096_costs_revisions_per_batch_not_per_partition(
     result = await one_join(4096, 4, sample=0.01)
     assert result["errors"] == []
     assert result["overlaps"] == 0 and result["samples"] > 100
+    assert result["fewest_replicas"] == 3  # make before break, every map version seen
     assert result["sessions_lost"] == 0
     moved = result["moved"]
     assert moved >= 4096 * 3 // 5 - 64  # the joiner took its share of every replica rank
     assert result["revisions"] <= CONSTANT + moved / 16, result
+
+
+async def test_a_join_at_p_65536_in_virtual_time_keeps_every_invariant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    result = await one_join(65536, 3, sample=0.05)
+    assert result["errors"] == [] and result["overlaps"] == 0 and result["sessions_lost"] == 0
+    assert result["fewest_replicas"] == 3
+    assert result["revisions"] <= CONSTANT + result["moved"] / 16, result
 
 
 async def test_a_join_at_p_1024_with_many_nodes_is_bounded_the_same_way(

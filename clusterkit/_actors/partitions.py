@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -53,6 +53,8 @@ from .partition_state import (
     PartitionContext,
     PartitionState,
 )
+
+LAUNCH_BATCH = 128  # steps started per scheduling round of the reconciler
 
 __all__ = [
     "HANDOVER_BACKOFF",
@@ -84,7 +86,8 @@ class PartitionSupervisor:
         self._take_changes = take_changes
         self._states: dict[int, PartitionState] = {}
         self._running: set[int] = set()
-        self._dirty: set[int] = set()
+        self._dirty: set[int] = set()  # to step, not running now
+        self._again: set[int] = set()  # marked while their step ran: step again after it
         self._timers: list[tuple[float, int]] = []
         self._due: dict[int, float] = {}
         self._last: ClusterView = EMPTY_VIEW
@@ -145,17 +148,22 @@ class PartitionSupervisor:
                         self._on_view(self._views.value)
                     if self._ctx.session_gen.value != gen:
                         gen = self._ctx.session_gen.value
-                        self._dirty.update(self._states)
+                        self._mark(self._states)
                     now = trio.current_time()
                     self._check_fence(now)
                     while self._timers and self._timers[0][0] <= now:
                         at, pt = heapq.heappop(self._timers)
                         if self._due.get(pt) == at:
                             del self._due[pt]
-                            self._dirty.add(pt)
-                    for pt in [p for p in self._dirty if p not in self._running]:
-                        self._dirty.discard(pt)
-                        self._launch(nursery, pt)
+                            self._mark((pt,))
+                    for _ in range(min(len(self._dirty), LAUNCH_BATCH)):
+                        self._launch(nursery, self._dirty.pop())
+                    if self._dirty:
+                        # More to step: let the launched steps (and everything else, the
+                        # keepalive included) run first, so no scheduling batch of the run
+                        # loop holds thousands of steps.
+                        await trio.lowlevel.checkpoint()
+                        continue
                     wake_at = self._timers[0][0] if self._timers else math.inf
                     wake_at = min(wake_at, self._fence_at())
                     with trio.move_on_at(wake_at):
@@ -200,7 +208,16 @@ class PartitionSupervisor:
             return
         if now >= session.deadline - self._ctx.margin and self._ctx.leadership.epochs:
             self._fenced = session
-            self._dirty.update(pt for pt, s in self._states.items() if s.leading)
+            self._mark([pt for pt, s in self._states.items() if s.leading])
+
+    def _mark(self, partitions: Iterable[int]) -> None:
+        """Step these partitions: now, or right after the step that is running."""
+        running = self._running
+        for pt in partitions:
+            if pt in running:
+                self._again.add(pt)
+            else:
+                self._dirty.add(pt)
 
     def _launch(self, nursery: trio.Nursery, pt: int) -> None:
         state = self._states.get(pt)
@@ -220,6 +237,9 @@ class PartitionSupervisor:
             wake = await state.step()
         finally:
             self._running.discard(pt)
+            if pt in self._again:
+                self._again.discard(pt)
+                self._dirty.add(pt)
             if state.idle and pt not in self._dirty:
                 if self._states.get(pt) is state:
                     del self._states[pt]
@@ -248,18 +268,16 @@ class PartitionSupervisor:
             return  # a map of another cluster shape: never acted on
         changes = self._changes(last, view)
         if changes.everything:
-            self._dirty.update(self._states)
-            self._dirty.update(self._my_partitions(record))
+            self._mark(self._states)
+            self._mark(self._my_partitions(record))
             return
         if changes.map:
-            self._dirty.update(self._map_diff(last.map, record))
-        for pt in changes.partitions:
-            if pt in self._states:
-                self._dirty.add(pt)
+            self._mark(self._map_diff(last.map, record))
+        self._mark([pt for pt in changes.partitions if pt in self._states])
         if changes.nodes:
             index = self._node_index(record)
             for nid in changes.nodes:
-                self._dirty.update(index.get(nid, ()))
+                self._mark(index.get(nid, ()))
 
     def _changes(self, last: ClusterView, view: ClusterView) -> Changes:
         if self._take_changes is not None:

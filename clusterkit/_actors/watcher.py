@@ -19,6 +19,11 @@ When the watch fails:
   answering from the last view), and retry with backoff from the last revision + 1; if that
   revision was compacted meanwhile, re-read as above.
 
+A burst (thousands of leader keys at a cold start) is applied in slices of
+``APPLY_SLICE`` events with a checkpoint between them, so the node's keepalive and other
+tasks are never held up by one long batch; nothing is published until the whole burst is
+applied, and the change feed (``take_changes``) only ever describes published views.
+
 Values that do not decode are logged, counted (``garbage``) and ignored.
 """
 
@@ -33,6 +38,8 @@ from .._errors import EtcdError, RevisionCompacted
 from .._etcd.client import EtcdClient
 from .._etcd.types import EventType, KeyValue
 from .cell import Latest
+
+APPLY_SLICE = 2048  # events applied between checkpoints while a burst is being applied
 
 
 class WatcherActor:
@@ -99,8 +106,10 @@ class WatcherActor:
     async def _load(self) -> None:
         snapshot = await self._client.get_prefix(self._layout.root)
         self._state.reset()
-        for kv in snapshot.kvs:
+        for i, kv in enumerate(snapshot.kvs, 1):
             self._apply(kv, deleted=False)
+            if i % APPLY_SLICE == 0:
+                await trio.lowlevel.checkpoint()  # nothing is published before the end
         self.views.set(self._state.snapshot(snapshot.revision))
         self.connected.set(True)
 
@@ -127,6 +136,7 @@ class WatcherActor:
                 # a burst (thousands of leader keys at a cold start) a snapshot per response
                 # would cost O(P) each and fall behind the stream.
                 revision = 0
+                applied = 0
                 for batch in (first, *w.take_ready()):
                     # A catch-up response carries the store's *current* revision in its
                     # header, not the revision it caught up to: the view (and the resume
@@ -135,6 +145,12 @@ class WatcherActor:
                     revision = batch.events[-1].kv.mod_revision if batch.events else batch.revision
                     for ev in batch.events:
                         self._apply(ev.kv, deleted=ev.type is EventType.DELETE)
+                    applied += len(batch.events)
+                    if applied >= APPLY_SLICE:
+                        # Let the rest of the node (the keepalive first) run between slices
+                        # of a burst; the view is published once, after the last slice.
+                        applied = 0
+                        await trio.lowlevel.checkpoint()
                 self.views.set(self._state.snapshot(revision))
 
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:

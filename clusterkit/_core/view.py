@@ -174,9 +174,12 @@ class ViewState:
         self.coordinator: Owner | None = None
         self.leaders: ChunkedMapBuilder[Owner] = ChunkedMapBuilder()
         self.ready = ReadyMarkersBuilder()
-        self.changes = Changes(everything=True)
+        # What changed: accumulated in _pending while events are applied, moved to changes
+        # (what take_changes hands out) by snapshot(), so a reader never sees changes of a
+        # view that is not published yet.
+        self.changes = Changes()
+        self._pending = Changes(everything=True)
         self._routing_dirty = True
-        self._nodes_dirty = True
         self._nodes_dirty = True  # node records changed since the last snapshot
         self._last: ClusterView = EMPTY_VIEW
 
@@ -191,7 +194,7 @@ class ViewState:
         self.coordinator = None
         self.leaders.clear()
         self.ready.clear()
-        self.changes = Changes(everything=True)
+        self._pending = Changes(everything=True)
         self._routing_dirty = True
         self._nodes_dirty = True
 
@@ -201,10 +204,22 @@ class ViewState:
         return changes
 
     def _touch(self, partition: int) -> None:
-        changes = self.changes
+        changes = self._pending
         if changes.everything:
             return
         changes.partitions.add(partition)
+        if len(changes.partitions) > CHANGES_LIMIT:
+            self._pending = Changes(everything=True)
+
+    def _publish_changes(self) -> None:
+        pending, self._pending = self._pending, Changes()
+        changes = self.changes
+        if changes.everything or pending.everything:
+            self.changes = Changes(everything=True)
+            return
+        changes.partitions |= pending.partitions
+        changes.nodes |= pending.nodes
+        changes.map = changes.map or pending.map
         if len(changes.partitions) > CHANGES_LIMIT:
             self.changes = Changes(everything=True)
 
@@ -234,8 +249,8 @@ class ViewState:
                 case "node":
                     self._routing_dirty = True
                     self._nodes_dirty = True
-                    if not self.changes.everything:
-                        self.changes.nodes.add(parsed.node_id)
+                    if not self._pending.everything:
+                        self._pending.nodes.add(parsed.node_id)
                     if value is None:
                         gone = self.nodes.pop(parsed.node_id, None)
                         if gone is not None:
@@ -297,12 +312,13 @@ class ViewState:
         if record != self.map:
             self.map = record
             self._routing_dirty = True
-            self.changes.map = True
+            self._pending.map = True
         return None
 
     def snapshot(self, revision: int) -> ClusterView:
         """An immutable view of the current state at ``revision``."""
         self.revision = max(self.revision, revision)
+        self._publish_changes()
         if self._routing_dirty:
             if self.departed:
                 named = self.map.node_ids() if self.map is not None else frozenset()

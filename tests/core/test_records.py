@@ -203,12 +203,19 @@ def test_view_state_refuses_a_map_of_another_shape() -> None:
 
 def test_view_state_reports_what_changed() -> None:
     state = ViewState(LAYOUT)
+    state.snapshot(1)
     assert state.take_changes().everything  # the first load: everything is new
     state.apply(LAYOUT.leader(3), b"a", create_revision=4)
     state.apply(LAYOUT.ready(5, "b"), b"1")
     state.apply(LAYOUT.node("c"), encode_node(Node("c", "h")))
+    assert not state.take_changes()  # nothing published yet: nothing to act on
+    state.snapshot(4)
     changes = state.take_changes()
     assert changes.partitions == {3, 5} and changes.nodes == {"c"} and not changes.map
     assert not state.take_changes()
     state.apply(LAYOUT.map, encode_map(MapRecord(1, 2, 2, (("a", "b"), ("b", "a")))))
-    assert state.take_changes().map
+    state.snapshot(5)
+    state.apply(LAYOUT.leader(1), b"b", create_revision=6)
+    state.snapshot(6)  # two views published before the reader looked: the union
+    changes = state.take_changes()
+    assert changes.map and changes.partitions == {1}
