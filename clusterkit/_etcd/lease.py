@@ -302,12 +302,14 @@ class _LoopRouter:
     pump and its send time, whose answer is handled here.
     """
 
-    __slots__ = ("fifo",)
+    __slots__ = ("fifo", "ordinary_sent")
 
     def __init__(self) -> None:
         self.fifo: dict[int, deque[tuple[KeepAlivePump, float] | None]] = {}
+        self.ordinary_sent = 0
 
     def sent(self, request: Any) -> None:
+        self.ordinary_sent += 1
         self.fifo.setdefault(request.ID, deque()).append(None)
 
     def pump_sent(self, pump: KeepAlivePump, sent: float) -> None:

@@ -132,6 +132,11 @@ async def test_interleaved_ordinary_keepalives_get_their_own_answers(
     assert all(before <= ka.sent_at <= after and ka.ttl == 30 for before, ka, after in results)
     assert acks > 20 and sends - acks <= 2  # every pump answer came back to the pump
     assert client.statistics()["keepalive_pending"] == 0
+    # The loop saw every ordinary request, and Trio got exactly their answers, no pump's.
+    stream = client._keepalives._stream
+    assert stream is not None and isinstance(stream.loop_tap, _LoopRouter)
+    assert stream.loop_tap.ordinary_sent == 120
+    assert stream._consumed == 120
     await client.lease_revoke(lease.id)
 
 
