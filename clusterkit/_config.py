@@ -96,6 +96,8 @@ def parse_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int] |
     host, sep, port = text.rpartition(":")
     if not sep or not port.isascii() or not port.isdigit() or not valid_host(host):
         return None
+    if ":" in host and not host.startswith("["):
+        return None  # "::1:2379" is ambiguous: IPv6 goes in brackets
     number = int(port)
     if not (0 if allow_zero else 1) <= number <= 65535:
         return None

@@ -112,6 +112,7 @@ ISSUE_12_ITEM_6 = [
     ("etcd_endpoints", ["not a host:2379"], "host name or IP"),
     ("etcd_endpoints", ["ftp://h:2379"], "host:port"),
     ("etcd_endpoints", [2379], "host:port"),
+    ("etcd_endpoints", ["::1:2379"], "host:port"),
     ("etcd_prefix", "/cluster\nkit", "newlines"),
     ("etcd_prefix", "/my cluster", "spaces"),
     ("embedded_etcd_bind", "not an address!", "host:port"),
