@@ -7,6 +7,7 @@ import json
 
 import pytest
 import trio
+import trio.testing
 from cluster_helpers import node_config, start_node
 
 import clusterkit
@@ -20,6 +21,7 @@ from clusterkit._core.records import (
     encode_identity,
     encode_map,
 )
+from clusterkit.testing import open_test_cluster
 
 
 def _key(prefix: str, name: str) -> str:
@@ -214,3 +216,29 @@ async def test_the_identity_key_is_not_garbage_to_the_view(
         with trio.fail_after(20):
             await ck.wait_converged({"v"})
         assert ck.statistics()["WatcherActor"]["garbage"] == 0
+
+
+async def test_garbage_written_while_the_cluster_runs_never_takes_a_rejoining_node_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A member cut off beyond its session TTL rejoins: it finds garbage in P/cluster, logs
+    it and rejoins anyway (the check refuses *new* nodes, never members)."""
+    async with open_test_cluster(
+        partitions=8, replica_factor=2, session_ttl=2.0, rebalance_delay=0.5
+    ) as cluster:
+        a = await cluster.start("a")
+        await cluster.start("b")
+        await cluster.wait_converged()
+        joins = a.ck.statistics()["MembershipActor"]["joins"]
+        etcd = cluster.store.client()
+        await etcd.put(b"/clusterkit/cluster", b"garbage")
+        a.cut()
+        await a.ck._session.wait_for(lambda s: s is None)  # the session is lost
+        a.restore()
+        with trio.fail_after(60):
+            await a.ck._session.wait_for(lambda s: s is not None)
+            await a.ck.wait_converged({"a", "b"})
+        assert a.ck.statistics()["MembershipActor"]["joins"] == joins + 1
+        assert a.error is None and a.ck.is_healthy()
+        with pytest.raises(clusterkit.ClusterMismatch, match="unreadable"):
+            await cluster.start("c")  # a new node is refused
