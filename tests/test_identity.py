@@ -237,6 +237,7 @@ async def test_garbage_written_while_the_cluster_runs_never_takes_a_rejoining_no
         a.restore()
         with trio.fail_after(60):
             await a.ck._session.wait_for(lambda s: s is not None)
+            await a.ck._connected.wait_for(lambda connected: connected)
             await a.ck.wait_converged({"a", "b"})
         assert a.ck.statistics()["MembershipActor"]["joins"] == joins + 1
         assert a.error is None and a.ck.is_healthy()
