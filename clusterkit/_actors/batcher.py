@@ -19,7 +19,10 @@ Each kind keeps its per-key meaning inside the batch:
   the caller's lease in ONE revision (that shared create_revision is every new leader's
   epoch: still strictly increasing per partition). If any key exists, the failure branch
   reads every key; the keys that exist are lost campaigns (answered None), the rest are
-  retried in the next round. After ``MAX_ROUNDS`` rounds the rest go one by one.
+  retried in the next round. After ``MAX_ROUNDS`` rounds the rest go one by one. A key that
+  exists *without a lease* was not written by a clusterkit leader (an operator's
+  ``etcdctl put``, a restored backup): it would never expire, so it is deleted (guarded by
+  its mod_revision) and the campaign goes on.
 - resign: compares ``create_revision == epoch`` per key and deletes them all; on failure,
   keys that are no longer at their epoch are done (nothing to delete), the rest retried.
 - ready: plain puts under the lease, one Txn per batch.
@@ -148,6 +151,7 @@ class EtcdBatcher:
         self._ready = _Queue("ready", self._send_ready, READY_LINGER)
         self._gets = _Queue("get", self._send_gets, 0)
         self._queues = (self._campaigns, self._resigns, self._ready, self._gets)
+        self.foreign_removed = 0  # lease-less keys removed from leader slots
 
     def __repr__(self) -> str:
         return f"<EtcdBatcher {self.statistics()}>"
@@ -157,6 +161,7 @@ class EtcdBatcher:
         for q in self._queues:
             stats[f"{q.name}_txns"] = q.txns
             stats[f"{q.name}_requests"] = q.requests
+        stats["foreign_leader_keys_removed"] = self.foreign_removed
         return stats
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,10 +215,20 @@ class EtcdBatcher:
                 return
             rest = []
             for r, read in zip(chunk, txn.responses, strict=True):
-                if _first(read) is not None:
-                    r.finish(None)  # somebody holds it: lost
-                else:
+                kv = _first(read)
+                if kv is None:
                     rest.append(r)
+                elif kv.lease == 0:
+                    # Not a leader's key (clusterkit writes them under a session lease): it
+                    # would never expire and block the partition forever. Remove exactly
+                    # that version, then campaign again.
+                    self.foreign_removed += 1
+                    await self._client.txn(
+                        [Compare.mod_revision(kv.key, "=", kv.mod_revision)], [Op.delete(kv.key)]
+                    )
+                    rest.append(r)
+                else:
+                    r.finish(None)  # somebody holds it: lost
             chunk = rest
         for r in chunk:  # contended: one by one
             txn = await self._client.txn(

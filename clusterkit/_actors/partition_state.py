@@ -360,8 +360,13 @@ class PartitionState:
         now = trio.current_time()
         if self._epoch is not None:
             fence_at = session.deadline - ctx.margin if session is not None else now
+            # The key is gone, or it is not the one we created under our lease any more
+            # (deleted and re-created, overwritten with another value or lease): stop now.
             gone = view.revision >= self._epoch and (
-                owner is None or owner.create_revision != self._epoch
+                owner is None
+                or owner.create_revision != self._epoch
+                or owner.node_id != me
+                or (session is not None and owner.lease != session.lease_id)
             )
             won_under = ctx.leadership.generations.get(pt)
             if session is not None and session.generation != won_under:

@@ -270,6 +270,10 @@ class ViewState:
                     self.leaders.pop(parsed.partition)
                     if value is not None:
                         owner = Owner(_owner_id(value), create_revision, lease)
+                        if not lease:
+                            # clusterkit writes leader keys only under a session lease: this
+                            # one would never expire. Not a leader; campaigns remove it.
+                            raise RecordError("leader key without a lease: not a leader")
                         self.leaders.set(parsed.partition, owner)
                 case "ready":
                     self._touch(parsed.partition)

@@ -32,7 +32,8 @@ async def _with_batcher(kv: KV, work: Any) -> Any:
 async def test_concurrent_campaigns_share_few_txns_and_one_epoch_per_txn(kv: KV) -> None:
     lease = await kv.grant(30)
     keys = [kv.key(f"leaders/{i}").encode() for i in range(300)]
-    await kv.client.put(keys[7], "someone")  # already led: that campaign loses
+    other = await kv.grant(30)
+    await kv.client.put(keys[7], "someone", lease=other.id)  # already led: that campaign loses
     won: dict[bytes, KeyValue | None] = {}
 
     async def work(batcher: EtcdBatcher) -> None:
@@ -158,3 +159,25 @@ async def test_txns_over_max_txn_ops_are_refused_alike(kv: KV, count: int) -> No
     else:
         with pytest.raises(clusterkit.EtcdError, match="too many operations"):
             await kv.client.txn([], ops)
+
+
+async def test_a_lease_less_key_in_a_leader_slot_is_removed_and_the_campaign_wins(kv: KV) -> None:
+    lease = await kv.grant(30)
+    blocked = kv.key("leaders/3").encode()
+    free = kv.key("leaders/4").encode()
+    await kv.client.put(blocked, "somebody")  # no lease: never expires, blocks the partition
+    won: dict[bytes, KeyValue | None] = {}
+
+    async def work(batcher: EtcdBatcher) -> None:
+        async def one(key: bytes) -> None:
+            won[key] = await batcher.campaign(key, b"me", lease.id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, blocked)
+            nursery.start_soon(one, free)
+
+    _, stats = await _with_batcher(kv, work)
+    assert won[blocked] is not None and won[free] is not None
+    assert stats["foreign_leader_keys_removed"] == 1
+    stored = await kv.client.get(blocked)
+    assert stored is not None and stored.lease == lease.id and stored.value == b"me"
