@@ -247,31 +247,26 @@ async def test_a_join_at_p_4096_on_real_etcd_never_has_two_leaders(
 async def test_a_node_whose_loop_is_starved_keeps_its_session(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
-    """Four app tasks keep the node's Trio loop busy for three TTLs, each burning 25 ms of
-    CPU between checkpoints (every scheduling round takes ~0.1 s instead of microseconds):
-    keepalives go out late but in time, the session survives, and the node reports how late
-    its loop and its keepalives were."""
+    """An app task hogs the node's Trio loop for three TTLs, burning 0.5 s of CPU between
+    checkpoints (a quarter of the 2 s TTL per scheduling round, where a keepalive sent from
+    Trio needs several rounds): the keepalive pump keeps the session, and the node reports
+    how late its loop was."""
     config = node_config("a", etcd.endpoints, prefix, partitions=256, session_ttl=2.0)
     async with trio.open_nursery() as nursery:
         node = await start_node(nursery, config)
         with trio.fail_after(30):
             await node.ck._views.wait_for(lambda v: settled(v, {"a"}, 3))
         until = trio.current_time() + 3 * config.session_ttl
-
-        async def hog() -> None:
-            while trio.current_time() < until:
-                deadline = time.perf_counter() + 0.025
-                while time.perf_counter() < deadline:  # CPU work that does not yield
-                    pass
-                await trio.lowlevel.checkpoint()
-
-        async with trio.open_nursery() as hogs:
-            for _ in range(4):
-                hogs.start_soon(hog)
+        while trio.current_time() < until:
+            deadline = time.perf_counter() + 0.5
+            while time.perf_counter() < deadline:  # CPU work that does not yield
+                pass
+            await trio.lowlevel.checkpoint()
         stats = node.ck.statistics()
         assert stats["MembershipActor"]["sessions_lost"] == 0
+        # The pump kept sending (Trio credits only the newest ack it finds after each block).
+        assert stats["MembershipActor"]["keepalives"] >= 3
         assert node.ck.is_healthy()
-        assert stats["LivenessProbe"]["max_loop_lag_ms"] >= 50  # the starvation was seen
-        assert stats["MembershipActor"]["max_keepalive_delay_ms"] < 1000 * config.session_ttl
+        assert stats["LivenessProbe"]["max_loop_lag_ms"] >= 400  # the hog was seen
         await node.stop()
         nursery.cancel_scope.cancel()

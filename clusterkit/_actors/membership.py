@@ -15,7 +15,11 @@ another live node has this id: :class:`NodeIdConflict`, and that node is left un
 it exists under one of *our* earlier leases (we declared a session lost that etcd had not
 expired yet), we revoke that old lease and try again.
 
-Keeping alive: every ``heartbeat_interval`` the actor sends one keepalive. etcd's answer
+Keeping alive: every ``heartbeat_interval`` one keepalive goes out — sent by the etcd
+client's keepalive *pump* on its lease thread, by that thread's own timer, so a starved or
+blocked Trio loop does not delay it (the actor credits the pump's acks and checks in; the
+pump stops after ``STALL_TTLS`` TTLs without a check-in, so a hung process loses its lease);
+without a pump (a non-default Trio clock) the actor sends it from Trio. etcd's answer
 proves the lease lives until ``sent_at + ttl`` (``sent_at`` is when the request left, not when
 the answer came), so that is the *local lease deadline*. If keepalives fail (etcd down,
 partitioned) the actor retries quickly, and when the deadline passes it declares the session
@@ -35,6 +39,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import trio
 
@@ -51,10 +56,12 @@ from .._core.records import (
     encode_identity,
     encode_node,
 )
-from .._errors import ClusterMismatch, EtcdError, LeaseNotFound, NodeIdConflict
+from .._errors import ClusterMismatch, ConfigError, EtcdError, LeaseNotFound, NodeIdConflict
 from .._etcd.client import EtcdClient
-from .._etcd.types import Compare, KeyValue, Op, RangeResult
+from .._etcd.types import Compare, KeepAlive, KeyValue, Op, RangeResult
 from .cell import Latest
+
+STALL_TTLS = 3  # TTLs without a Trio check-in after which the keepalive pump stops
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,7 @@ class MembershipActor:
         # a session is lost when these approach the TTL (seconds).
         self.max_keepalive_delay = 0.0
         self.max_keepalive_rtt = 0.0
+        self._last_ack = 0.0  # sent_at of the newest ack credited (pump)
         self.left = False
 
     def __repr__(self) -> str:
@@ -307,7 +315,112 @@ class MembershipActor:
     # -- keeping alive -------------------------------------------------------------------
 
     async def _keep_alive(self) -> None:
-        """Return when the session is lost, or after a Leave was handled."""
+        """Return when the session is lost, or after a Leave was handled.
+
+        With a real etcd client the keepalives are sent by a *pump* on the client's lease
+        thread (its own timer, its own answers), so a starved or briefly blocked Trio loop does
+        not cost the session; the Trio side credits the pump's acks to the session and checks
+        in, and the pump stops by itself if the Trio side stops checking in for
+        ``STALL_TTLS`` TTLs (a hung process must not hold its lease forever). Without a pump
+        (a non-default Trio clock, a test double) the keepalives are sent from Trio.
+        """
+        session = self.session.value
+        assert session is not None
+        interval = self._config.heartbeat_interval
+        assert interval is not None
+        open_pump = getattr(self._client, "keepalive_pump", None)
+        if open_pump is None:
+            await self._keep_alive_from_trio()
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                pump = await stack.enter_async_context(
+                    open_pump(session.lease_id, interval, stall_limit=STALL_TTLS * session.ttl)
+                )
+            except ConfigError:  # MockClock and the real client: no pump
+                pump = None
+            except EtcdError as exc:
+                self._log.info("clusterkit %s: keepalive pump: %s", self.node.id, exc)
+                pump = None
+            if pump is None:
+                await self._keep_alive_from_trio()
+                return
+            await self._keep_alive_with(pump, interval)
+
+    async def _keep_alive_with(self, pump: Any, interval: float) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_pump, pump)
+            try:
+                while True:
+                    pump.checkin()
+                    latest = pump.latest()
+                    if latest is not None:
+                        self._credit(latest)
+                    session = self.session.value
+                    assert session is not None
+                    failure = pump.failure
+                    if failure is not None:
+                        if isinstance(failure, LeaseNotFound):
+                            self._log.warning(
+                                "clusterkit %s: lease %x expired", self.node.id, session.lease_id
+                            )
+                        else:
+                            self._log.warning(
+                                "clusterkit %s: keepalives stopped: %s", self.node.id, failure
+                            )
+                        return
+                    now = trio.current_time()
+                    if now >= session.deadline:
+                        self._log.warning(
+                            "clusterkit %s: lease %x deadline passed without a keepalive answer",
+                            self.node.id,
+                            session.lease_id,
+                        )
+                        return
+                    message = None
+                    with trio.move_on_at(min(session.deadline, now + interval)):
+                        message = await self._mailbox.receive()
+                    if message is not None:
+                        # Handled outside the timed scope: a Leave must never be cut off.
+                        await self._handle(message)
+                        if self.left:
+                            return
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _follow_pump(self, pump: Any) -> None:
+        """Credit every ack of the pump to the session as it arrives."""
+        ack = None
+        while pump.failure is None:
+            try:
+                ack = await pump.wait_newer(ack)
+            except EtcdError as exc:
+                if pump.failure is not None:
+                    return  # the keep-alive loop sees it
+                self._log.info("clusterkit %s: keepalive stream: %s", self.node.id, exc)
+                await trio.sleep(0.05)
+                continue
+            self._credit(ack)
+
+    def _credit(self, ack: KeepAlive) -> None:
+        """Extend the session's local deadline to ``sent_at + ttl`` of an acknowledged
+        keepalive (never shortens it)."""
+        session = self.session.value
+        if session is None or session.lease_id != ack.id or ack.sent_at <= self._last_ack:
+            return
+        if self._last_ack:
+            gap = ack.sent_at - self._last_ack - (self._config.heartbeat_interval or 0)
+            self.max_keepalive_delay = max(self.max_keepalive_delay, gap)
+        self._last_ack = ack.sent_at
+        self.keepalives += 1
+        self.max_keepalive_rtt = max(self.max_keepalive_rtt, trio.current_time() - ack.sent_at)
+        deadline = max(session.deadline, ack.sent_at + ack.ttl)
+        if deadline != session.deadline or ack.ttl != session.ttl:
+            self.session.set(replace(session, ttl=ack.ttl, deadline=deadline))
+
+    async def _keep_alive_from_trio(self) -> None:
+        """The keepalive loop in Trio (no pump): return when the session is lost, or after a
+        Leave was handled."""
         interval = self._config.heartbeat_interval
         assert interval is not None
         next_beat = trio.current_time() + interval
