@@ -25,7 +25,12 @@ from ._actors.cell import Latest
 from ._actors.events import EventHub, EventStream
 from ._actors.liveness import LivenessProbe
 from ._actors.membership import Drain, Leave, MembershipActor, MembershipMessage, Session
-from ._actors.partitions import Leadership, PartitionContext, PartitionSupervisor
+from ._actors.partitions import (
+    LOST_HOOK_TIMEOUT,
+    Leadership,
+    PartitionContext,
+    PartitionSupervisor,
+)
 from ._actors.rebalancer import RebalancerActor
 from ._actors.watcher import WatcherActor
 from ._boundary import reraise
@@ -46,6 +51,10 @@ from ._peers.tls import client_context, server_context
 from ._peers.transport import PeerPool, serve_memory_peers, serve_peers
 
 LEAVE_TIMEOUT = 5.0
+# Stopping the partitions waits for every leader's on_leader_lost (each bounded by
+# LOST_HOOK_TIMEOUT, all of them by LOST_HOOK_TIMEOUT + 1): the session must not be revoked
+# (letting a successor win) before those hooks ran, so this bound is longer than theirs.
+STOP_PARTITIONS_TIMEOUT = LOST_HOOK_TIMEOUT + 2.0
 
 
 def leader_margin(session_ttl: float) -> float:
@@ -316,11 +325,12 @@ class ClusterKit:
                 await self._supervisor.active.wait_for(lambda n: n == 0)
         self._left = True
         done = trio.Event()
+        if self._supervisor is not None:
+            # Leaders hear on_leader_lost before the revoke lets a successor win.
+            with trio.move_on_after(STOP_PARTITIONS_TIMEOUT):
+                await self._supervisor.stop()
         with trio.move_on_after(LEAVE_TIMEOUT) as scope:
             try:
-                if self._supervisor is not None:
-                    # Leaders hear on_leader_lost before the revoke lets a successor win.
-                    await self._supervisor.stop()
                 await self._membership.send(Leave(done))
                 await done.wait()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -581,7 +591,7 @@ async def _open_node(
                     with trio.CancelScope(shield=True):
                         # Leaders hear on_leader_lost before the session (and with it every
                         # leader key) is revoked; then the rest stops.
-                        with trio.move_on_after(LEAVE_TIMEOUT):
+                        with trio.move_on_after(STOP_PARTITIONS_TIMEOUT):
                             await partitions.stop()
                         hub.close()
                         await peers.aclose()

@@ -181,6 +181,7 @@ class PartitionState:
         self._synced_generation: int | None = None
         self._no_leader_since: float | None = None
         self._abandoned: set[int] = set()  # epochs this actor stepped down from
+        self._resigned: set[int] = set()  # epochs whose key etcd confirmed deleted
         self._handovers = 0
         self._handover_after = 0.0
         self._me = ctx.node_id
@@ -191,8 +192,32 @@ class PartitionState:
 
     @property
     def idle(self) -> bool:
-        """True when the partition needs nothing more from this node (no role, not leading)."""
-        return self._track.role is Role.NONE and self._epoch is None
+        """True when the partition needs nothing more from this node: no role, not leading,
+        and no leader key of ours left to remove (a resign that failed, a self-fenced term,
+        a campaign won after the role went away)."""
+        return (
+            self._track.role is Role.NONE
+            and self._epoch is None
+            and self._stale_key(self._views.value) is None
+        )
+
+    def _stale_key(self, view: ClusterView) -> int | None:
+        """The epoch of a leader key in our name, under our current lease, that we do not
+        lead and must remove (None if there is none). Only a key that no longer stands for
+        a term of ours counts: one we abandoned, or any while we are not a replica."""
+        if self._epoch is not None:
+            return None
+        owner = view.leaders.get(self.pt)
+        session = self._ctx.session.value
+        if owner is None or owner.node_id != self._me or session is None:
+            return None
+        if owner.lease != session.lease_id or owner.create_revision in self._resigned:
+            return None
+        if owner.create_revision in self._abandoned:
+            return owner.create_revision
+        if role_of(view.map, self.pt, self._me) is not Role.REPLICA:
+            return owner.create_revision
+        return None
 
     @property
     def leading(self) -> bool:
@@ -217,6 +242,10 @@ class PartitionState:
         role = role_of(view.map, pt, me)
         if role is not Role.REPLICA and self._epoch is not None:
             await self._step_down(view, resign=True)  # only committed replicas lead
+        stale = self._stale_key(view)
+        if stale is not None and not await self._resign(stale):
+            # The key would keep the partition leaderless until our lease ends: try again.
+            return trio.current_time() + RETRY_MIN
         row = view.map.replicas[pt] if view.map is not None else ()
         self._track, calls = transition(
             self._track,
@@ -395,7 +424,8 @@ class PartitionState:
                 pause = min(ctx.config.session_ttl, HANDOVER_BACKOFF * 2**self._handovers)
                 self._handover_after = now + pause
                 ctx.count("handovers")
-                await self._step_down(view, resign=True)
+                if not await self._step_down(view, resign=True):
+                    return now + RETRY_MIN  # the key is still ours: the next step removes it
                 return None
             self._handovers = 0
             return None  # the reconciler wakes every leader when the session's fence passes
@@ -407,7 +437,8 @@ class PartitionState:
                 if owner.create_revision in self._abandoned:
                     # An epoch we stepped down from (self-fencing): never lead under it
                     # again; remove it so a fresh campaign gives a new, higher epoch.
-                    await self._resign(owner.create_revision)
+                    if owner.create_revision not in self._resigned:
+                        await self._resign(owner.create_revision)
                     return now + RETRY_MIN  # etcd may not have answered yet
                 await self._confirm(owner.create_revision, view)  # ours, this session
                 if self._epoch is None:
@@ -476,11 +507,13 @@ class PartitionState:
         if not await self._run_hook("on_leader_elected", (self.pt,), LeaderElected(self.pt, epoch)):
             await self._step_down(view, resign=True)
 
-    async def _step_down(self, view: ClusterView, *, resign: bool) -> None:
+    async def _step_down(self, view: ClusterView, *, resign: bool) -> bool:
+        """Stop leading (is_leader false first, then on_leader_lost), and with ``resign``
+        delete the key; False if that delete failed (the key is still ours in etcd)."""
         ctx = self._ctx
         epoch = self._epoch
         if epoch is None:
-            return
+            return True
         self._epoch = None
         self._abandoned.add(epoch)
         self._no_leader_since = None
@@ -488,14 +521,19 @@ class PartitionState:
         self._track, _ = leadership(self._track, False, self.pt)
         await self._run_hook("on_leader_lost", (self.pt,), LeaderLost(self.pt, epoch))
         if resign:
-            await self._resign(epoch)
+            return await self._resign(epoch)
+        return True
 
-    async def _resign(self, epoch: int) -> None:
-        """Delete the leader key if it is still the one created at ``epoch``."""
+    async def _resign(self, epoch: int) -> bool:
+        """Delete the leader key if it is still the one created at ``epoch``; False when
+        etcd could not be asked (the caller steps again: the key must not outlive us)."""
         try:
             await self._ctx.batcher.resign(self._key, epoch)
         except EtcdError as exc:
             self._ctx.config.log.info("clusterkit: resigning %d failed: %s", self.pt, exc)
+            return False
+        self._resigned.add(epoch)
+        return True
 
 
 _HOOK_NAMES = {

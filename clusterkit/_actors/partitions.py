@@ -222,7 +222,10 @@ class PartitionSupervisor:
     def _launch(self, nursery: trio.Nursery, pt: int) -> None:
         state = self._states.get(pt)
         if state is None:
-            if role_of(self._views.value.map, pt, self._ctx.node_id) is Role.NONE:
+            view = self._views.value
+            if role_of(view.map, pt, self._ctx.node_id) is Role.NONE and not _holds_key(
+                view, pt, self._ctx.node_id
+            ):
                 return
             state = self._states[pt] = PartitionState(pt, self._ctx, self._views)
             self.active.set(len(self._states))
@@ -273,7 +276,12 @@ class PartitionSupervisor:
             return
         if changes.map:
             self._mark(self._map_diff(last.map, record))
-        self._mark([pt for pt in changes.partitions if pt in self._states])
+        # A leader key in our name with no state behind it (a campaign confirmed too late,
+        # a resign that failed) gets a state too: its step removes the key.
+        me = self._ctx.node_id
+        self._mark(
+            [pt for pt in changes.partitions if pt in self._states or _holds_key(view, pt, me)]
+        )
         if changes.nodes:
             index = self._node_index(record)
             for nid in changes.nodes:
@@ -333,3 +341,9 @@ class PartitionSupervisor:
         changed.update(set(new.pending) ^ set(old.pending))
         changed.update(pt for pt, row in new.pending.items() if old.pending.get(pt) != row)
         return {pt for pt in changed if pt in mine or pt in self._states}
+
+
+def _holds_key(view: ClusterView, pt: int, me: str) -> bool:
+    """True when the view shows ``pt``'s leader key in this node's name."""
+    owner = view.leaders.get(pt)
+    return owner is not None and owner.node_id == me
