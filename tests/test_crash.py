@@ -538,7 +538,8 @@ async def test_sigstop_shorter_than_the_lease_wakes_between_fence_and_deadline(
         await cluster.wait_until(
             lambda: any("fence" in line for line in paused.lines[seen:]), 2 * HEARTBEAT, "keepalive"
         )
-        fence = next(line["fence"] for line in reversed(paused.lines) if "fence" in line)
+        renewal = next(line for line in reversed(paused.lines) if "fence" in line)
+        fence, ready_lease = renewal["fence"], renewal["lease"]
         stopped_at = await cluster.stop(victim)
         await trio.sleep(max(0.0, fence + ready["margin"] / 2 - time.time()))
         continued_at = cluster.resume(victim)
@@ -555,8 +556,6 @@ async def test_sigstop_shorter_than_the_lease_wakes_between_fence_and_deadline(
                 and renewals[0]["t"] < fence + ready["margin"]
                 and not any(line.get("pt") in led for line in after)
             )
-
-        ready_lease = next(line["lease"] for line in reversed(paused.lines) if "fence" in line)
 
         def woke() -> bool:
             after = [line for line in paused.lines if line["t"] > continued_at]

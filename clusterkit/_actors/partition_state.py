@@ -436,10 +436,9 @@ class PartitionState:
             if owner.node_id == me and owner.lease == session.lease_id:
                 if owner.create_revision in self._abandoned:
                     # An epoch we stepped down from (self-fencing): never lead under it
-                    # again; remove it so a fresh campaign gives a new, higher epoch.
-                    if owner.create_revision not in self._resigned:
-                        await self._resign(owner.create_revision)
-                    return now + RETRY_MIN  # etcd may not have answered yet
+                    # again. The top of the step removed it (_stale_key); once the view
+                    # shows it gone, a fresh campaign gives a new, higher epoch.
+                    return now + RETRY_MIN
                 await self._confirm(owner.create_revision, view)  # ours, this session
                 if self._epoch is None:
                     return now + RETRY_MIN  # not confirmed (etcd blip, late keepalive): again
