@@ -581,6 +581,17 @@ async def _open_node(
                     )
                     ck.metrics_address = f"{config.advertise_addr}:{port}"
                 partitions.open()  # hooks run from here on: the body has its handle first
+                current = views.value
+                config.log.info(
+                    "clusterkit %s: joined: peers at %s, grpc %s, etcd %s, "
+                    "map version %s, %d node(s)",
+                    config.node_id,
+                    membership.node.http_addr(),
+                    membership.node.grpc_addr(),
+                    ",".join(etcd.config.endpoints),
+                    current.map.version if current.map is not None else "none yet",
+                    len(current.nodes),
+                )
                 try:
                     yield ck
                 except BaseException as exc:

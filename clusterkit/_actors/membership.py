@@ -189,7 +189,7 @@ class MembershipActor:
         self.joins += 1
         self.session.set(Session(lease.id, lease.ttl, granted_at + lease.ttl, self._generation))
         self._log.info(
-            "clusterkit %s: joined with lease %x (ttl %ss)", node.id, lease.id, lease.ttl
+            "clusterkit %s: registered with lease %x (ttl %ss)", node.id, lease.id, lease.ttl
         )
 
     async def _check_identity(self, *, rejoin: bool = False) -> None:
