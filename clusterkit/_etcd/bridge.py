@@ -130,6 +130,7 @@ class AioBridge:
 
     # -- the two queues -----------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     def _start(self) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise EtcdUnavailable("the etcd client is closed")
@@ -155,6 +156,7 @@ class AioBridge:
             asyncio.set_event_loop(None)
             self._post_final()
 
+    @trio.lowlevel.enable_ki_protection
     def submit(self, fn: Callable[[], object], *, urgent: bool = False) -> None:
         """Run ``fn()`` on the loop soon (from the Trio thread; never blocks, never raises).
 
@@ -217,6 +219,7 @@ class AioBridge:
 
     # -- channels (loop thread) ---------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     def stubs(self, endpoint: Endpoint, lane: str) -> Stubs:
         """The stubs on ``endpoint``'s channel for ``lane`` (``"main"`` or ``"lease"``).
 
@@ -230,6 +233,7 @@ class AioBridge:
 
     # -- unary calls ----------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def unary(
         self,
         endpoint: Endpoint,
@@ -271,6 +275,7 @@ class AioBridge:
 
     # -- shutdown -------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Close every channel (cancelling what runs on them), stop the loop, join the thread."""
         if self._closed:
@@ -435,6 +440,7 @@ def _closed() -> LocalCancellation:
     return LocalCancellation("the etcd client is closed")
 
 
+@trio.lowlevel.enable_ki_protection
 async def call_unary(
     method: Any,
     request: Any,

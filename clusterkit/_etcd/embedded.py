@@ -213,6 +213,7 @@ class EtcdProcess:
             args = [setpriv, "--pdeathsig", "TERM", "--", *args]
         return args
 
+    @trio.lowlevel.enable_ki_protection
     async def start(
         self, *, timeout: float = 10.0, new_cluster: bool = True, wait: bool = True
     ) -> None:
@@ -228,10 +229,13 @@ class EtcdProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        with contextlib.suppress(OSError):  # read by remove_stale_workdirs after a SIGKILL
+            self.log_path.with_suffix(".pid").write_text(str(self.process.pid))
         await trio.lowlevel.checkpoint()
         if wait:
             await self.wait_ready(timeout=timeout)
 
+    @trio.lowlevel.enable_ki_protection
     async def wait_ready(self, *, timeout: float = 10.0) -> None:
         """Poll the member until it serves requests, or fail with its log's tail."""
         channel = self._probe_channel()
@@ -296,6 +300,7 @@ class EtcdProcess:
         """SIGCONT after :meth:`pause`."""
         self.signal(signal.SIGCONT)
 
+    @trio.lowlevel.enable_ki_protection
     async def kill(self) -> None:
         """SIGKILL the member and reap it."""
         if self.process is not None:
@@ -303,6 +308,7 @@ class EtcdProcess:
             with trio.CancelScope(shield=True):
                 await self._reap()
 
+    @trio.lowlevel.enable_ki_protection
     async def stop(self, *, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps. Shielded."""
         if self.process is None:
@@ -337,11 +343,59 @@ class EmbeddedEtcd:
         return self.members[0]
 
 
+WORKDIR_PREFIX = "clusterkit-etcd-"
+"""Temporary work directories are ``<tmp>/clusterkit-etcd-<owner pid>-<random>``."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_workdirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove the work directories of embedded etcds whose owner process is gone.
+
+    A SIGKILLed owner runs no cleanup: its etcd dies with it (parent-death signal) but the
+    directory stays. Each start of an embedded etcd calls this on the temp dir. A directory is
+    removed only when its owner pid and every etcd pid recorded in it are dead (a reused pid
+    keeps a directory until that process exits too: conservative, never wrong).
+
+    Returns:
+        The directories removed.
+    """
+    base = Path(root if root is not None else tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        candidates = list(base.glob(WORKDIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        owner = path.name[len(WORKDIR_PREFIX) :].split("-", 1)[0]
+        if not owner.isascii() or not owner.isdigit() or not path.is_dir():
+            continue  # an old-style name, or not ours: leave it alone
+        pids = [int(owner)]
+        for pidfile in path.glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int(pidfile.read_text()))
+        if any(_pid_alive(pid) for pid in pids):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
 def _address_in_use(member: EtcdProcess) -> bool:
     return "address already in use" in member.log_tail(50)
 
 
 @asynccontextmanager
+@trio.lowlevel.enable_ki_protection
 async def open_embedded_etcd(
     *,
     binary: str | os.PathLike[str] | None = None,
@@ -390,7 +444,8 @@ async def open_embedded_etcd(
     if size > 1 and (client_host or client_listen or client_port):
         raise EmbeddedEtcdError("client_host, client_listen and client_port are for one member")
     exe = find_etcd_binary(binary)
-    workdir = Path(tempfile.mkdtemp(prefix="clusterkit-etcd-"))
+    remove_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
     root = Path(data_dir) if data_dir is not None else workdir
     raft = (FAST_RAFT if size == 1 else CLUSTER_RAFT) if fast_raft else ()
     members: list[EtcdProcess] = []
