@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 INSTANTS = 40
+SHUTDOWN_INSTANTS = 20
 EXIT_BOUND = 1.0
 
 PROGRAM = textwrap.dedent(
@@ -67,8 +68,11 @@ def _leftovers(tmp: Path) -> list[str]:
     return sorted(p.name for p in tmp.glob("clusterkit-*"))
 
 
-def _run(argv: list[str], env: dict[str, str], at: float | None) -> tuple[float, int, str]:
-    """Start the program; SIGINT it ``at`` seconds after the spawn (None: let it finish).
+def _run(
+    argv: list[str], env: dict[str, str], at: float | None, *, after_joined: bool = False
+) -> tuple[float, int, str]:
+    """Start the program; SIGINT it ``at`` seconds after the spawn, or after it printed
+    ``joined`` (None: let it finish).
 
     Returns (seconds from the signal to the exit, or the whole life when no signal; return
     code; stderr tail).
@@ -79,6 +83,10 @@ def _run(argv: list[str], env: dict[str, str], at: float | None) -> tuple[float,
         if at is None:
             _out, err = proc.communicate(timeout=60)
             return time.monotonic() - start, proc.returncode, err.decode()[-2000:]
+        if after_joined:
+            assert proc.stdout is not None
+            proc.stdout.readline()  # "joined" (or b"" if it died first)
+            start = time.monotonic()
         time.sleep(max(0.0, start + at - time.monotonic()))  # the chosen instant, not a wait
         signalled = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -119,14 +127,18 @@ def _interrupt_at_every_instant(tmp_path: Path, args: list[str]) -> None:
     assert code == 0, err
     assert _leftovers(private_tmp) == []
 
+    # Instants spread over the whole life; for the node, also over its shutdown (the last
+    # ~0.1 s, after it printed "joined"), which a spread over the life would hit at most once.
+    instants = [(life * (i + 0.5) / INSTANTS, False) for i in range(INSTANTS)]
+    if args[0] == "cluster":
+        instants += [(0.2 * i / SHUTDOWN_INSTANTS, True) for i in range(SHUTDOWN_INSTANTS)]
     slow = []
-    for i in range(INSTANTS):
-        at = life * (i + 0.5) / INSTANTS
-        took, code, err = _run(argv, env, at)
+    for at, after_joined in instants:
+        took, code, err = _run(argv, env, at, after_joined=after_joined)
         left = _leftovers(private_tmp)
         alive = _processes_mentioning(str(private_tmp))
         if took > EXIT_BOUND or left or alive:
-            slow.append((round(at, 3), took, code, left, alive, err[-600:]))
+            slow.append((round(at, 3), after_joined, took, code, left, alive, err[-600:]))
         for pid in alive:  # never leave a stray etcd behind, even when failing
             os.kill(pid, signal.SIGKILL)
     assert slow == [], f"life {life:.2f}s; runs that exited late or left something: {slow}"

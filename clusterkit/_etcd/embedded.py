@@ -306,7 +306,19 @@ class EtcdProcess:
         if self.process is not None:
             self.signal(signal.SIGKILL)
             with trio.CancelScope(shield=True):
-                await self._reap()
+                await self._reap_or_kill()
+
+    async def _reap_or_kill(self) -> None:
+        """Reap; if anything interrupts the wait (a KeyboardInterrupt reaches a shielded
+        checkpoint too), SIGKILL and reap synchronously before passing it on."""
+        try:
+            await self._reap()
+        except BaseException:
+            self.signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                assert self.process is not None
+                self.process.wait(timeout=2.0)
+            raise
 
     @trio.lowlevel.enable_ki_protection
     async def stop(self, *, grace: float = 5.0) -> None:
@@ -318,10 +330,10 @@ class EtcdProcess:
                 self.signal(signal.SIGTERM)
                 self.signal(signal.SIGCONT)
                 with trio.move_on_after(grace):
-                    await self._reap()
+                    await self._reap_or_kill()
             if not self.exited:
                 self.signal(signal.SIGKILL)
-                await self._reap()
+                await self._reap_or_kill()
 
     async def restart(self, *, timeout: float = 10.0) -> None:
         """Start the member again on the same ports and data directory."""
@@ -495,7 +507,14 @@ async def open_embedded_etcd(
                         shutil.rmtree(m.data_dir, ignore_errors=True)
         yield EmbeddedEtcd(tuple(m.endpoint for m in members), members[0].version, tuple(members))
     finally:
-        with trio.CancelScope(shield=True):
+        try:
+            with trio.CancelScope(shield=True):
+                for m in members:
+                    await m.stop()
+        finally:  # even when a KeyboardInterrupt cut the stop short (it killed etcd)
             for m in members:
-                await m.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+                if m.process is not None and not m.exited:
+                    m.signal(signal.SIGKILL)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        m.process.wait(timeout=2.0)
+            shutil.rmtree(workdir, ignore_errors=True)
