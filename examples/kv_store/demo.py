@@ -336,6 +336,11 @@ async def _scenario(
             # leaderships and count it dead; when it wakes it has missed writes, rejoins and
             # must re-sync before it serves again.
             frozen = report.paused = "n4"
+            say(
+                f"freezing {frozen} for {3 * session_ttl:.0f} s (SIGSTOP): expect its warnings"
+                " on waking ('keepalives stopped', 'session lost; rejoining'): it was counted"
+                " dead, rejoins under a new session and re-syncs before it serves"
+            )
             nodes[frozen].signal(signal.SIGSTOP)
             await trio.sleep(3 * session_ttl)
             nodes[frozen].signal(signal.SIGCONT)
