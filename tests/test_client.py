@@ -217,6 +217,7 @@ async def test_request_in_flight_fails_over_when_the_leader_stops(
     gc.collect()  # a leaked socket would fail this test, not a later one
 
 
+@pytest.mark.slow
 async def test_a_call_to_a_frozen_leader_is_abandoned_when_the_leader_moves(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:

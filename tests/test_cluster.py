@@ -188,6 +188,7 @@ async def test_etcd_outage_routing_keeps_answering_and_the_node_rejoins(etcd_bin
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_coordinator_cut_off_from_etcd_is_replaced_within_the_session_ttl(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:

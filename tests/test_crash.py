@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pytest
 import trio
 from cluster_helpers import node_config, start_node
 
@@ -408,6 +409,7 @@ async def node_processes(
                 await node.process.wait()
 
 
+@pytest.mark.slow
 async def test_sigkill_of_a_leader_process(
     etcd: clusterkit.EmbeddedEtcd, prefix: str, tmp_path: Path
 ) -> None:
@@ -434,6 +436,7 @@ async def test_sigkill_of_a_leader_process(
     assert delays[-1] <= TTL + 1.5, delays
 
 
+@pytest.mark.slow
 async def test_sigstop_of_a_leader_process_then_sigcont(
     etcd: clusterkit.EmbeddedEtcd, prefix: str, tmp_path: Path
 ) -> None:
@@ -496,6 +499,7 @@ async def test_sigstop_of_a_leader_process_then_sigcont(
     assert delays[-1] <= TTL + 1.5, delays
 
 
+@pytest.mark.slow
 async def test_sigterm_of_a_leader_process_hands_over_at_once(
     etcd: clusterkit.EmbeddedEtcd, prefix: str, tmp_path: Path
 ) -> None:
@@ -517,6 +521,7 @@ async def test_sigterm_of_a_leader_process_hands_over_at_once(
     assert delays[-1] <= 1.0, delays
 
 
+@pytest.mark.slow
 async def test_sigstop_shorter_than_the_lease_wakes_between_fence_and_deadline(
     etcd: clusterkit.EmbeddedEtcd, prefix: str, tmp_path: Path
 ) -> None:
@@ -596,6 +601,7 @@ async def test_sigstop_shorter_than_the_lease_wakes_between_fence_and_deadline(
     )
 
 
+@pytest.mark.slow
 async def test_leader_work_is_not_cancelled_while_the_node_still_leads(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:

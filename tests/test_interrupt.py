@@ -36,7 +36,7 @@ PROGRAM = textwrap.dedent(
             async with clusterkit.open_cluster(cfg):
                 print("joined", flush=True)
         else:  # an etcd that accepts connections and never answers
-            cfg = clusterkit.ClientConfig(etcd_endpoints=[endpoint], dial_timeout=2.0)
+            cfg = clusterkit.ClientConfig(etcd_endpoints=[endpoint], dial_timeout=1.0)
             try:
                 async with clusterkit.open_client(cfg):
                     pass

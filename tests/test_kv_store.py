@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from cluster_helpers import RunningNode, node_config, start_node, wait_converged
@@ -23,6 +24,7 @@ from examples.kv_store.demo import run
 from examples.kv_store.node import KVNode
 
 
+@pytest.mark.slow
 async def test_no_acknowledged_write_is_lost_through_kill_join_and_drain() -> None:
     with trio.fail_after(240):
         report = await run(keys=1500, partitions=16, concurrency=24, echo=False)
@@ -44,6 +46,7 @@ async def _until(condition: Callable[[], bool], timeout: float) -> None:
             await trio.sleep(0.02)  # polled: is_leader is a clock comparison, not an event
 
 
+@pytest.mark.slow
 async def test_a_replica_that_rejoins_resyncs_before_it_leads_again(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
@@ -244,6 +247,7 @@ async def _random_faults(seed: int) -> tuple[int, list[tuple[str, Any, bytes]]]:
         return len(store.acked), await store.lost(8)
 
 
+@pytest.mark.slow
 async def test_randomized_faults_lose_no_acknowledged_write(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -196,6 +196,7 @@ async def test_graceful_leave_hands_leadership_over_at_once(
     hooks.check()
 
 
+@pytest.mark.slow
 async def test_leader_cut_off_from_etcd_steps_down_before_anyone_else_leads(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
@@ -333,6 +334,7 @@ async def test_rapid_join_leave_churn_keeps_the_invariants(
     hooks.check()
 
 
+@pytest.mark.slow
 async def test_a_preferred_replica_that_comes_back_gets_its_leadership_back(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
@@ -375,6 +377,7 @@ def restartable_etcd_binary(etcd_binary: str, etcd: clusterkit.EmbeddedEtcd) -> 
     return etcd_binary
 
 
+@pytest.mark.slow
 async def test_etcd_restart_leaders_step_down_and_come_back(
     restartable_etcd_binary: str, prefix: str
 ) -> None:

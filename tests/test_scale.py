@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from cluster_helpers import node_config, start_node
@@ -154,6 +155,7 @@ async def one_join(partitions: int, nodes: int, *, sample: float) -> dict[str, A
         }
 
 
+@pytest.mark.slow
 async def test_a_join_at_p_4096_costs_revisions_per_batch_not_per_partition(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -167,6 +169,7 @@ async def test_a_join_at_p_4096_costs_revisions_per_batch_not_per_partition(
     assert result["revisions"] <= CONSTANT + moved / 16, result
 
 
+@pytest.mark.slow
 async def test_a_join_at_p_65536_in_virtual_time_keeps_every_invariant(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -184,6 +187,7 @@ async def test_a_join_at_p_1024_with_many_nodes_is_bounded_the_same_way(
     assert result["revisions"] <= CONSTANT + result["moved"] / 16, result
 
 
+@pytest.mark.slow
 async def test_a_join_at_p_4096_on_real_etcd_never_has_two_leaders(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:
@@ -244,6 +248,7 @@ async def test_a_join_at_p_4096_on_real_etcd_never_has_two_leaders(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_a_node_whose_loop_is_starved_keeps_its_session(
     etcd: clusterkit.EmbeddedEtcd, prefix: str
 ) -> None:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -143,6 +144,7 @@ async def one_run(seed: int) -> tuple[int, int]:
     return len(inv.epochs), sum(len(e) for e in inv.epochs.values())
 
 
+@pytest.mark.slow
 async def test_randomized_faults_keep_every_invariant(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

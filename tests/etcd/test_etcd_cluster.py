@@ -19,6 +19,7 @@ def kill_safe_binary(etcd_binary: str, etcd: clusterkit.EmbeddedEtcd) -> str:
     return etcd_binary
 
 
+@pytest.mark.slow
 async def test_three_members_and_failover(kill_safe_binary: str) -> None:
     async with clusterkit.open_embedded_etcd(binary=kill_safe_binary, size=3) as cluster:
         assert len(cluster.endpoints) == 3

@@ -63,6 +63,7 @@ async def test_etcd_killed_mid_watch_raises_unavailable(etcd_binary: str) -> Non
                 await client.get("/k/1")
 
 
+@pytest.mark.slow
 async def test_paused_etcd_fails_the_stream_within_seconds(etcd_binary: str) -> None:
     async with clusterkit.open_embedded_etcd(binary=etcd_binary) as server:
         async with clusterkit.open_etcd_client(server.endpoints) as client:

@@ -20,6 +20,7 @@ async def test_ttl_clamping_is_visible(etcd_binary: str) -> None:
             assert info.granted_ttl == 2 and 0 < info.ttl <= 2
 
 
+@pytest.mark.slow
 async def test_keepalive_keeps_a_lease_alive(client: EtcdClient, prefix: str) -> None:
     lease = await client.lease_grant(1)  # fast raft timings allow 1 s
     await client.put(prefix + "k", "v", lease=lease.id)

@@ -28,6 +28,7 @@ async def _wait_for(condition: object, timeout: float = 10.0) -> None:
             await trio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_pump_keeps_a_lease_alive_while_trio_is_blocked(
     client: EtcdClient, prefix: str
 ) -> None:

@@ -49,6 +49,7 @@ async def test_user_limited_to_a_prefix(etcd_binary: str) -> None:
                 await anonymous.put("/alice/y", "1")
 
 
+@pytest.mark.slow
 async def test_expired_token_is_renewed_transparently(etcd_binary: str) -> None:
     # Simple tokens expire after --auth-token-ttl seconds without use.
     async with clusterkit.open_embedded_etcd(
@@ -90,6 +91,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow
 async def test_mutual_tls(etcd_binary: str, tls_files: dict[str, Path]) -> None:
     f = {k: str(v) for k, v in tls_files.items()}
     tls = ServerTLS(f["ca"], f["server_cert"], f["server_key"], f["client_cert"], f["client_key"])

@@ -136,6 +136,7 @@ async def test_progress_notifications_carry_the_revision(etcd_binary: str) -> No
     assert batch.revision >= put.revision
 
 
+@pytest.mark.slow
 async def test_a_slow_watch_fails_alone_and_never_stalls_the_others(
     client: EtcdClient, prefix: str
 ) -> None:
