@@ -478,6 +478,7 @@ async def _start_peers(
                 stream_handlers=stream_handlers,
                 max_frame=config.peer_max_message,
                 ssl_context=server_tls,
+                max_pending=config.peer_max_pending_handshakes,
             )
         )
         address = f"{config.advertise_addr}:{port}"

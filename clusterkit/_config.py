@@ -286,7 +286,11 @@ class Config:
         peer_timeout: default deadline of a peer request, in seconds. Default 5.
         peer_tls_cert, peer_tls_key: PEM files: serve the peer endpoint over TLS (wss).
         peer_tls_ca: PEM file: verify peers' TLS certificates (turns TLS on for calls).
-        peer_max_message: largest websocket message accepted, in bytes. Default 16 MiB.
+        peer_max_message: largest websocket message accepted from an authenticated peer, in
+            bytes. Default 16 MiB. Before the handshake has authenticated a connection, its
+            messages may be at most 1 KiB.
+        peer_max_pending_handshakes: connections accepted but not yet authenticated that may
+            exist at once; further ones are refused at once (HTTP 503). Default 128.
     """
 
     node_id: str
@@ -328,6 +332,7 @@ class Config:
     peer_tls_key: str | None = None
     peer_tls_ca: str | None = None
     peer_max_message: int = 16 * 1024 * 1024
+    peer_max_pending_handshakes: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not valid_node_id(self.node_id):
@@ -419,6 +424,9 @@ class Config:
         _positive("peer_timeout", self.peer_timeout)
         _check_peer_tls(self.peer_tls_cert, self.peer_tls_key, self.peer_tls_ca)
         _check_max_message(self.peer_max_message)
+        pending = self.peer_max_pending_handshakes
+        if not isinstance(pending, int) or isinstance(pending, bool) or not 1 <= pending <= 65536:
+            raise ConfigError("peer_max_pending_handshakes", "must be an integer from 1 to 65536")
 
     @property
     def log(self) -> logging.Logger:

@@ -55,6 +55,29 @@ QUEUE = 256  # websocket messages trio-websocket may buffer per connection
 RECEIVE_BUFFER = 1024 * 1024  # bytes read from the socket at once
 HANDSHAKE_TIMEOUT = 5.0
 RECONNECT_BACKOFF = 0.2
+PREAUTH_MAX_FRAME = 1024
+"""Largest websocket message accepted before the handshake has authenticated the other side
+(the handshake's frames are < 300 bytes). ``peer_max_message`` applies only afterwards, so an
+unauthenticated connection can never make a node buffer more than this per message."""
+PREAUTH_RECEIVE_BUFFER = 4096  # bytes read from the socket at once before authentication
+MAX_PENDING_HANDSHAKES = 128
+"""Default bound on connections accepted but not yet authenticated. When a new one arrives at
+the bound, the *oldest* pending one is closed to make room: memory held for strangers stays
+bounded, and a peer whose handshake takes milliseconds still gets through while an attacker
+holds the bound full of silent connections (refusing new ones instead would lock every peer
+out for as long as the attacker kept them)."""
+
+
+def _set_limits(ws: WebSocket, max_message: int, receive_buffer: int) -> None:
+    """Set a connection's message size limit and socket read size (raised once authenticated).
+
+    trio-websocket fixes both at construction and reads ``_max_message_size`` for every message
+    it assembles and ``_receive_buffer_size`` for every read; there are no public setters
+    (0.12).
+    """
+    if isinstance(ws, trio_websocket.WebSocketConnection):  # (memory sockets have no limit)
+        ws._max_message_size = max_message
+        ws._receive_buffer_size = receive_buffer
 
 
 async def _receive_frame(ws: WebSocket, max_frame: int, expected: type[f.Frame]) -> Any:
@@ -136,9 +159,25 @@ async def serve_connection(
     sessions: set[PeerSession] | None = None,
 ) -> None:
     """Authenticate one accepted connection and serve it until it ends."""
-    remote = await server_handshake(ws, local_id, secret, max_frame)
+    remote = await server_handshake(ws, local_id, secret, min(max_frame, PREAUTH_MAX_FRAME))
     if remote is None:
         return
+    _set_limits(ws, max_frame, RECEIVE_BUFFER)
+    await serve_authenticated(
+        ws, remote, handlers, stream_handlers, max_frame=max_frame, sessions=sessions
+    )
+
+
+async def serve_authenticated(
+    ws: WebSocket,
+    remote: str,
+    handlers: Mapping[str, Handler],
+    stream_handlers: Mapping[str, StreamHandler] | None,
+    *,
+    max_frame: int,
+    sessions: set[PeerSession] | None = None,
+) -> None:
+    """Serve an authenticated connection until it ends."""
     session = PeerSession(ws, remote, handlers, stream_handlers, max_frame=max_frame, dialed=False)
     if sessions is not None:
         sessions.add(session)
@@ -178,20 +217,54 @@ async def serve_peers(
     max_frame: int = f.MAX_FRAME,
     ssl_context: ssl.SSLContext | None = None,
     sessions: set[PeerSession] | None = None,
+    max_pending: int | None = MAX_PENDING_HANDSHAKES,
+    preauth_max_frame: int = PREAUTH_MAX_FRAME,
+    stats: dict[str, int] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the peer endpoint on ``host:port`` (0: a free port, reported by ``started``).
 
-    ``sessions``, when given, holds the live incoming sessions (for statistics and tests).
+    Before a connection has authenticated, its messages may be at most ``preauth_max_frame``
+    bytes, it is read 4 KiB at a time, and at most ``max_pending`` such connections exist at
+    once: at the bound, the oldest pending one is closed for the new one (None: no bound; both
+    knobs exist for benchmarks/preauth.py's baseline). ``sessions``, when given, holds the live
+    incoming sessions (for statistics and tests); ``stats`` counts connections ``pending``
+    and ``dropped`` (closed unauthenticated to make room).
     """
+    counts = stats if stats is not None else {}
+    counts.setdefault("pending", 0)
+    counts.setdefault("dropped", 0)
+    pending: dict[int, trio.CancelScope] = {}  # insertion order: oldest first
+    serial = 0
 
     async def on_connect(request: trio_websocket.WebSocketRequest) -> None:
-        try:
-            ws = await request.accept()
-        except trio_websocket.ConnectionClosed:
-            return  # the client left during the upgrade; raising here would stop the server
-        await serve_connection(
-            ws, local_id, secret, handlers, stream_handlers, max_frame=max_frame, sessions=sessions
+        nonlocal serial
+        serial += 1
+        me = serial
+        if max_pending is not None:
+            while len(pending) >= max_pending:
+                pending.pop(next(iter(pending))).cancel()
+                counts["dropped"] += 1
+        remote: str | None = None
+        with trio.CancelScope() as scope:
+            pending[me] = scope
+            counts["pending"] = len(pending)
+            try:
+                try:
+                    ws = await request.accept()
+                except trio_websocket.ConnectionClosed:
+                    return  # the client left during the upgrade; raising would stop the server
+                remote = await server_handshake(
+                    ws, local_id, secret, min(max_frame, preauth_max_frame)
+                )
+            finally:
+                pending.pop(me, None)
+                counts["pending"] = len(pending)
+        if remote is None:  # refused, timed out, or dropped for a newer connection
+            return
+        _set_limits(ws, max_frame, RECEIVE_BUFFER)
+        await serve_authenticated(
+            ws, remote, handlers, stream_handlers, max_frame=max_frame, sessions=sessions
         )
 
     async with trio.open_nursery() as nursery:
@@ -202,9 +275,9 @@ async def serve_peers(
                 port,
                 ssl_context,
                 handler_nursery=nursery,
-                max_message_size=max_frame,
+                max_message_size=min(max_frame, preauth_max_frame),
                 message_queue_size=QUEUE,
-                receive_buffer_size=RECEIVE_BUFFER,
+                receive_buffer_size=PREAUTH_RECEIVE_BUFFER,
                 connect_timeout=HANDSHAKE_TIMEOUT,
                 disconnect_timeout=HANDSHAKE_TIMEOUT,
                 task_status=task_status,
@@ -366,11 +439,14 @@ class PeerPool:
                         stream,
                         host,
                         "/",
-                        max_message_size=self._max_frame,
+                        max_message_size=min(self._max_frame, PREAUTH_MAX_FRAME),
                         message_queue_size=QUEUE,
-                        receive_buffer_size=RECEIVE_BUFFER,
+                        receive_buffer_size=PREAUTH_RECEIVE_BUFFER,
                     )
-                remote = await client_handshake(ws, self._local_id, self._secret, self._max_frame)
+                remote = await client_handshake(
+                    ws, self._local_id, self._secret, min(self._max_frame, PREAUTH_MAX_FRAME)
+                )
+                _set_limits(ws, self._max_frame, RECEIVE_BUFFER)
                 session = self._new_session(ws, remote)
                 self._sessions[addr] = session
                 task_status.started(session)
