@@ -44,7 +44,7 @@ from ._etcd.embedded import open_embedded_etcd
 from ._metrics import render_for, serve_metrics
 from ._migration.service import Migration
 from ._peers.memory import MemoryNetwork
-from ._peers.secret import configured_secret, shared_secret
+from ._peers.secret import SecretKeeper, configured_secret, shared_secret
 from ._peers.service import Peers
 from ._peers.session import Handler, StreamHandler
 from ._peers.tls import client_context, server_context
@@ -446,7 +446,12 @@ async def _start_peers(
     if config.cluster_secret is not None:
         secret = configured_secret(config.cluster_secret)
     else:
-        secret = await shared_secret(etcd, layout, create=True)
+        # A missing secret while nodes are registered is restored by their keepers: wait for
+        # that rather than split the cluster with a new one (secret.py).
+        secret = await shared_secret(
+            etcd, layout, create=True, wait_for_restore=2 * config.session_ttl
+        )
+        await nursery.start(SecretKeeper(etcd, layout, secret, config.log).run)
     handlers: dict[str, Handler] = {}
     stream_handlers: dict[str, StreamHandler] = {}
     server_tls = client_tls = None
