@@ -544,6 +544,7 @@ async def _open_node(
                 await nursery.start(liveness.run)
                 await nursery.start(membership.run)
                 await nursery.start(watcher.run)
+                await nursery.start(membership.guard_registration, views)
                 partitions = PartitionSupervisor(
                     PartitionContext(
                         config=config,

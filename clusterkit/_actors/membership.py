@@ -56,6 +56,7 @@ from .._core.records import (
     encode_identity,
     encode_node,
 )
+from .._core.view import ClusterView
 from .._errors import ClusterMismatch, ConfigError, EtcdError, LeaseNotFound, NodeIdConflict
 from .._etcd.client import EtcdClient
 from .._etcd.types import Compare, KeepAlive, KeyValue, Op, RangeResult
@@ -115,6 +116,7 @@ class MembershipActor:
         self.joins = 0
         self.sessions_lost = 0
         self.keepalives = 0
+        self.reregistrations = 0  # node key put back after a delete or an alteration
         # How late keepalives left compared with their schedule, and their round trips:
         # a session is lost when these approach the TTL (seconds).
         self.max_keepalive_delay = 0.0
@@ -132,6 +134,7 @@ class MembershipActor:
             "joins": self.joins,
             "sessions_lost": self.sessions_lost,
             "keepalives": self.keepalives,
+            "reregistrations": self.reregistrations,
             "max_keepalive_delay_ms": round(self.max_keepalive_delay * 1000),
             "max_keepalive_rtt_ms": round(self.max_keepalive_rtt * 1000),
         }
@@ -217,7 +220,14 @@ class MembershipActor:
                         raise
                     self._log.warning("clusterkit %s: %s", self.node.id, exc)
                     return
-                self._compare(stored)
+                try:
+                    self._compare(stored)
+                except ClusterMismatch as exc:
+                    if not rejoin:
+                        raise
+                    # Written while we were a member: not our config's fault. Go on with the
+                    # identity we joined under (the map keeps its shape; see view.py).
+                    self._log.error("clusterkit %s: ignoring %s", self.node.id, exc)
                 return
             if rejoin:
                 return
@@ -485,6 +495,78 @@ class MembershipActor:
                     except EtcdError as exc:
                         self._log.warning("clusterkit %s: drain: %s", self.node.id, exc)
                 done.set()
+
+    async def ensure_registered(self) -> bool:
+        """Put this node's key back if it is missing or not what we wrote (an operator's
+        ``etcdctl del``, garbage, a lease-less copy), under the current session's lease.
+
+        A key held under a live lease that is not ours is left alone (another process with
+        this node id: logged). Returns True when the key was written.
+        """
+        session = self.session.value
+        if session is None or self.left:
+            return False
+        key = self._layout.node(self.node.id)
+        value = encode_node(self.node)
+        kv = await self._client.get(key)
+        if kv is not None and kv.lease == session.lease_id and kv.value == value:
+            return False
+        if kv is not None and kv.lease and kv.lease not in self._past_leases:
+            self._log.error(
+                "clusterkit %s: node key %s is held under lease %x, not ours: another process "
+                "uses this node id",
+                self.node.id,
+                key.decode(),
+                kv.lease,
+            )
+            return False
+        guard = (
+            Compare.create_revision(key, "=", 0)
+            if kv is None
+            else Compare.mod_revision(key, "=", kv.mod_revision)
+        )
+        txn = await self._client.txn([guard], [Op.put(key, value, lease=session.lease_id)])
+        if txn.succeeded:
+            self.reregistrations += 1
+            self._log.warning(
+                "clusterkit %s: node key %s was %s; registered it again (lease %x)",
+                self.node.id,
+                key.decode(),
+                "deleted" if kv is None else "altered",
+                session.lease_id,
+            )
+        return bool(txn.succeeded)
+
+    async def guard_registration(
+        self,
+        views: Latest[ClusterView],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Actor loop: while a session lives, keep this node's key as we wrote it.
+
+        Driven by the view (the watcher's): etcd is asked only when the view shows our key
+        missing or different, and at most once per heartbeat while that lasts.
+        """
+        interval = self._config.heartbeat_interval or 1.0
+        version = 0
+        task_status.started()
+        while not self.left:
+            with trio.move_on_after(interval):
+                _, version = await views.wait_newer(version)
+            mine = views.value.nodes.get(self.node.id)
+            if (
+                mine is not None
+                and mine.addr == self.node.addr
+                and mine.state == self.node.state
+                and mine.endpoints == self.node.endpoints
+            ):
+                continue
+            try:
+                await self.ensure_registered()
+            except EtcdError as exc:
+                self._log.debug("clusterkit %s: checking the node key: %s", self.node.id, exc)
+            await trio.sleep(interval)  # at most once per heartbeat
 
     async def close(self) -> None:
         """Revoke the session (if any) and stop being a member. Idempotent.

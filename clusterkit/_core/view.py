@@ -257,7 +257,12 @@ class ViewState:
                             self.departed[parsed.node_id] = gone
                     else:
                         self.nodes.pop(parsed.node_id, None)
-                        self.nodes[parsed.node_id] = decode_node(value, parsed.node_id)
+                        node = decode_node(value, parsed.node_id)
+                        if not lease:
+                            # clusterkit registers nodes only under a session lease: this key
+                            # would never expire, so it is not a member (no map covers it).
+                            raise RecordError("node key without a lease: not a member")
+                        self.nodes[parsed.node_id] = node
                         self.departed.pop(parsed.node_id, None)
                 case "map":
                     return self._apply_map(value, mod_revision)

@@ -17,7 +17,8 @@ async def test_compaction_while_disconnected_is_recovered_without_losing_events(
     etcd: clusterkit.EmbeddedEtcd, prefix: str, client: clusterkit.EtcdClient
 ) -> None:
     layout = KeyLayout(prefix)
-    await client.put(layout.node("a"), encode_node(Node("a", "h")))
+    lease = (await client.lease_grant(60)).id  # node keys count only under a lease
+    await client.put(layout.node("a"), encode_node(Node("a", "h")), lease=lease)
     cfg = clusterkit.Config(node_id="w", metrics_port=None, etcd_request_timeout=1.0)
     async with open_proxy(etcd.endpoints[0]) as proxy:
         async with clusterkit.open_etcd_client([proxy.endpoint]) as watched:
@@ -32,8 +33,8 @@ async def test_compaction_while_disconnected_is_recovered_without_losing_events(
                     await connected.wait_for(lambda c: not c)
                 # While the watcher is away: a leaves, b and c join, and history is compacted.
                 await client.delete(layout.node("a"))
-                await client.put(layout.node("b"), encode_node(Node("b", "h")))
-                last = await client.put(layout.node("c"), encode_node(Node("c", "h")))
+                await client.put(layout.node("b"), encode_node(Node("b", "h")), lease=lease)
+                last = await client.put(layout.node("c"), encode_node(Node("c", "h")), lease=lease)
                 await client.compact(last.revision)
                 proxy.restore()
                 with trio.fail_after(15):

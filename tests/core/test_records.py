@@ -155,8 +155,11 @@ def test_key_layout_parses_what_it_builds() -> None:
 
 def test_view_state_applies_changes_and_ignores_garbage() -> None:
     state = ViewState(LAYOUT)
-    assert state.apply(LAYOUT.node("a"), encode_node(Node("a", "h"))) is None
-    assert state.apply(LAYOUT.node("b"), encode_node(Node("b", "h"))) is None
+    assert state.apply(LAYOUT.node("a"), encode_node(Node("a", "h")), lease=1) is None
+    assert state.apply(LAYOUT.node("b"), encode_node(Node("b", "h")), lease=2) is None
+    # A well-formed node key without a lease (a hand-written ghost) is not a member.
+    assert state.apply(LAYOUT.node("ghost"), encode_node(Node("ghost", "h"))) is not None
+    assert "ghost" not in state.snapshot(4).nodes
     record = MapRecord(1, 2, 2, (("a", "b"), ("b", "a")))
     assert state.apply(LAYOUT.map, encode_map(record), mod_revision=5) is None
     v1 = state.snapshot(5)
