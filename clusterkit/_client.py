@@ -60,6 +60,7 @@ from ._actors.watcher import WatcherActor
 from ._boundary import reraise
 from ._config import ClientConfig
 from ._core.keys import KeyLayout
+from ._core.problems import ProblemLog
 from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView, Owner, ViewState
 from ._errors import (
@@ -142,6 +143,7 @@ class RoutingClient:
         self._closed = False
         self._mmh3 = mmh3.hash
         self._log = config.log
+        self._problems = ProblemLog(config.log, "clusterkit client")
         self._disconnected_at: float | None = None
         self._read_at = -math.inf
         self._counters = dict.fromkeys(
@@ -276,7 +278,8 @@ class RoutingClient:
             )
             if problem is not None:
                 self._counters["garbage"] += 1
-                self._log.warning("clusterkit client: ignoring %s", problem)
+                parsed = self._layout.parse(kv.key)
+                self._problems.report(parsed.kind if parsed is not None else "unknown", problem)
         self._counters["reads"] += 1
         self._read_at = trio.current_time()
         self._publish(state.snapshot(snapshot.revision))

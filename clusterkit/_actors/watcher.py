@@ -33,6 +33,7 @@ import trio
 
 from .._config import ClientConfig, Config
 from .._core.keys import KeyLayout
+from .._core.problems import ProblemLog
 from .._core.view import Changes, ClusterView, ViewState
 from .._errors import EtcdError, RevisionCompacted
 from .._etcd.client import EtcdClient
@@ -62,6 +63,8 @@ class WatcherActor:
         self.connected = connected
         self._log = config.log
         self.garbage = 0
+        who = f"clusterkit {config.node_id}" if isinstance(config, Config) else "clusterkit client"
+        self._problems = ProblemLog(config.log, who)
         self.reloads = 0
         self.reconnects = 0
 
@@ -80,6 +83,7 @@ class WatcherActor:
         return {
             "revision": self._state.revision,
             "garbage": self.garbage,
+            **self._problems.statistics(),
             "reloads": self.reloads,
             "reconnects": self.reconnects,
         }
@@ -163,4 +167,5 @@ class WatcherActor:
         )
         if problem is not None:
             self.garbage += 1
-            self._log.warning("clusterkit: ignoring %s", problem)
+            parsed = self._layout.parse(kv.key)
+            self._problems.report(parsed.kind if parsed is not None else "unknown", problem)
