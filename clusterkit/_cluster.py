@@ -41,7 +41,7 @@ from ._core.view import EMPTY_VIEW, ClusterView
 from ._errors import LeadershipLost, NotLeader
 from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import open_embedded_etcd
-from ._metrics import render_for, serve_metrics
+from ._metrics import health_routes, render_for, serve_metrics
 from ._migration.service import Migration
 from ._peers.memory import MemoryNetwork
 from ._peers.secret import SecretKeeper, configured_secret, shared_secret
@@ -584,7 +584,7 @@ async def _open_node(
                 if config.metrics_port is not None:
                     host = config.bind_addr or config.advertise_addr
                     port: int = await nursery.start(
-                        serve_metrics, render_for(ck), host, config.metrics_port
+                        serve_metrics, health_routes(ck, render_for(ck)), host, config.metrics_port
                     )
                     ck.metrics_address = f"{config.advertise_addr}:{port}"
                 partitions.open()  # hooks run from here on: the body has its handle first

@@ -8,14 +8,26 @@ node's nursery (prometheus-client's own server would start a thread per node).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+import h11
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from ._actors.rebalancer import RebalancerActor
+from ._core.histogram import Histogram, OperationStats
 
 if TYPE_CHECKING:
     from ._cluster import ClusterKit
@@ -69,6 +81,7 @@ class NodeCollector(Collector):
         yield _gauge(
             "clusterkit_partitions_moving", "partitions with a move in flight", me, pending
         )
+        yield from _go_readme_families(ck, held, led)
         sources = dict(ck.statistics())
         sources["Migration"] = ck.migration.statistics()
         for actor, stats in sources.items():
@@ -81,6 +94,71 @@ class NodeCollector(Collector):
                     family = CounterMetricFamily(metric_name, f"{actor} {name}", labels=labels)
                 family.add_metric([me], value)
                 yield family
+
+
+def _go_readme_families(ck: ClusterKit, assigned: int, led: int) -> Iterator[Metric]:
+    """The eight metrics the Go ClusterKit README documents, under its names and labels."""
+    me = ck.node_id
+    nodes = GaugeMetricFamily("clusterkit_nodes_total", "nodes in the cluster (this node's view)")
+    nodes.add_metric([], len(ck.view.nodes))
+    yield nodes
+    family = GaugeMetricFamily(
+        "clusterkit_partitions_assigned", "partitions this node is a replica of", labels=["node_id"]
+    )
+    family.add_metric([me], assigned)
+    yield family
+    family = GaugeMetricFamily(
+        "clusterkit_partitions_leader", "partitions this node leads", labels=["node_id"]
+    )
+    family.add_metric([me], led)
+    yield family
+    rebalancer = next((a for a in ck._actors if isinstance(a, RebalancerActor)), None)
+    if rebalancer is not None:
+        yield CounterMetricFamily(
+            "clusterkit_rebalance",
+            "rebalances completed while this node was the coordinator (a plan with moves up "
+            "to the map committing the last of them)",
+            value=rebalancer.rebalances,
+        )
+        yield _histogram(
+            "clusterkit_rebalance_duration_seconds",
+            "duration of the rebalances this node completed as coordinator",
+            rebalancer.rebalance_seconds,
+        )
+    migration = ck.migration.statistics()
+    yield CounterMetricFamily(
+        "clusterkit_partition_migrations",
+        "partition migrations this node completed (pulls of a partition's data)",
+        value=migration.get("pulls_complete", 0),
+    )
+    operations: OperationStats | None = getattr(ck.etcd, "operations", None)
+    if operations is not None:
+        calls = CounterMetricFamily(
+            "clusterkit_etcd_operations", "etcd calls by operation", labels=["op"]
+        )
+        errors = CounterMetricFamily(
+            "clusterkit_etcd_operation_errors",
+            "etcd calls that failed, by operation",
+            labels=["op"],
+        )
+        latency = HistogramMetricFamily(
+            "clusterkit_etcd_operation_duration_seconds",
+            "etcd call latency by operation (retries included)",
+            labels=["op"],
+        )
+        for op, histogram in sorted(operations.latency.items()):
+            calls.add_metric([op], histogram.count)
+            errors.add_metric([op], operations.errors.get(op, 0))
+            latency.add_metric([op], histogram.cumulative(), histogram.sum)
+        yield calls
+        yield errors
+        yield latency
+
+
+def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc)
+    family.add_metric([], histogram.cumulative(), histogram.sum)
+    return family
 
 
 def _gauge(name: str, doc: str, node: str, value: float) -> GaugeMetricFamily:
@@ -101,63 +179,157 @@ def registry_for(ck: ClusterKit) -> CollectorRegistry:
     return registry
 
 
+MAX_CONNECTIONS = 64  # requests served at once; more are closed at once (bounded memory)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP response of the node's HTTP endpoint."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Route = Callable[[], Answer]
+
+
 async def serve_metrics(
-    render: Callable[[], bytes],
+    routes: Mapping[str, Route],
     host: str,
     port: int,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` (``render()``'s bytes) on ``host:port``; reports the port."""
+    """Serve ``GET``/``HEAD`` of ``routes`` (path -> answer) on ``host:port`` over HTTP/1.1
+    (h11); reports the port. Each connection gets one request, answered within
+    ``READ_TIMEOUT`` of its first byte (slow or silent clients are cut off), with request heads
+    of at most ``MAX_REQUEST`` bytes and at most ``MAX_CONNECTIONS`` at once."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
+    active = 0
 
     async def handle(stream: trio.SocketStream) -> None:
-        await _answer(stream, render)
+        nonlocal active
+        if active >= MAX_CONNECTIONS:
+            await trio.aclose_forcefully(stream)
+            return
+        active += 1
+        try:
+            await _answer(stream, routes)
+        finally:
+            active -= 1
 
     await trio.serve_listeners(handle, listeners)
 
 
-async def _answer(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:
+async def _answer(stream: trio.abc.Stream, routes: Mapping[str, Route]) -> None:
     """Answer one request. Nothing a client does here (reset, garbage, silence) and no error
     while rendering may escape: this runs in the node's nursery."""
     try:
         async with stream:
-            await _respond(stream, render)
+            await _respond(stream, routes)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the scraper went away
+        pass  # the client went away
 
 
-async def _respond(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:
-    data = b""
-    with trio.move_on_after(READ_TIMEOUT):
-        while b"\r\n\r\n" not in data and len(data) < MAX_REQUEST:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            data += chunk
-    line = data.split(b"\r\n", 1)[0].split()
-    if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
-        status, body, ctype = b"400 Bad Request", b"bad request\n", b"text/plain"
-    elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
-        status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
-    else:
+async def _respond(stream: trio.abc.Stream, routes: Mapping[str, Route]) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+    request: h11.Request | None = None
+    answer: Answer
+    with trio.move_on_after(READ_TIMEOUT) as reading:
         try:
-            status, body, ctype = b"200 OK", render(), CONTENT_TYPE.encode()
-        except Exception as exc:  # a bug in a collector must not take the node down
-            logging.getLogger("clusterkit").exception("clusterkit: rendering metrics failed")
-            status, body, ctype = b"500 Internal Server Error", repr(exc).encode(), b"text/plain"
-    head = (
-        b"HTTP/1.1 "
-        + status
-        + b"\r\nContent-Type: "
-        + ctype
-        + b"\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\nConnection: close\r\n\r\n"
-    )
+            while request is None:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(4096)))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except h11.RemoteProtocolError as exc:
+            answer = Answer(exc.error_status_hint, f"bad request: {exc}\n".encode())
+    if reading.cancelled_caught:
+        return  # silent or slow: no answer owed
+    if request is not None:
+        method = request.method
+        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        route = routes.get(path)
+        if method not in (b"GET", b"HEAD"):
+            answer = Answer(405, b"GET or HEAD only\n")
+        elif route is None:
+            answer = Answer(404, ("try " + ", ".join(sorted(routes)) + "\n").encode())
+        else:
+            try:
+                answer = route()
+            except Exception as exc:  # a bug in a collector must not take the node down
+                logging.getLogger("clusterkit").exception("clusterkit: %s failed", path)
+                answer = Answer(500, repr(exc).encode())
+    else:
+        method = b"GET"
+    if conn.our_state is not h11.SEND_RESPONSE:  # a protocol error: answer by hand
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.next_event()
+    headers = [
+        ("Content-Type", answer.content_type),
+        ("Content-Length", str(len(answer.body))),
+        ("Connection", "close"),
+    ]
+    reason = HTTPStatus(answer.status).phrase.encode()
+    out = conn.send(h11.Response(status_code=answer.status, headers=headers, reason=reason))
+    if method != b"HEAD":
+        out += conn.send(h11.Data(data=answer.body))
+    out += conn.send(h11.EndOfMessage())
     with trio.move_on_after(READ_TIMEOUT):
-        await stream.send_all(head + (body if line[:1] != [b"HEAD"] else b""))
+        await stream.send_all(out)
+
+
+def health_routes(ck: ClusterKit, render: Callable[[], bytes]) -> dict[str, Route]:
+    """``/metrics`` (and ``/``), ``/health`` and ``/ready`` of ``ck``.
+
+    ``/health``: the Go ClusterKit README's JSON (``status``, ``node_id``, ``partitions``),
+    200 while ``ck.is_healthy()``, else 503. ``/ready``: 200 only while healthy *and* every
+    partition the map gives this node has completed ``on_partition_assigned`` under the
+    current session (a load balancer's readiness probe), else 503; the JSON says how many are
+    not ready yet.
+    """
+
+    def metrics() -> Answer:
+        return Answer(200, render(), CONTENT_TYPE)
+
+    def assigned() -> int:
+        me = ck.node_id
+        return sum(1 for row in ck.view.replica_nodes if any(n.id == me for n in row))
+
+    def health() -> Answer:
+        healthy = ck.is_healthy()
+        body = {
+            "status": "healthy" if healthy else "unhealthy",
+            "node_id": ck.node_id,
+            "partitions": assigned(),
+        }
+        return Answer(200 if healthy else 503, _json(body), "application/json")
+
+    def ready() -> Answer:
+        healthy = ck.is_healthy()
+        supervisor = ck._supervisor
+        unready = supervisor.unready() if supervisor is not None else 0
+        ok = healthy and unready == 0
+        body = {
+            "status": "ready" if ok else "not ready",
+            "node_id": ck.node_id,
+            "healthy": healthy,
+            "partitions": assigned(),
+            "partitions_not_ready": unready,
+        }
+        return Answer(200 if ok else 503, _json(body), "application/json")
+
+    return {"/metrics": metrics, "/": metrics, "/health": health, "/ready": ready}
+
+
+def _json(value: object) -> bytes:
+    return (json.dumps(value, separators=(",", ":")) + "\n").encode()
 
 
 def render_for(ck: ClusterKit) -> Callable[[], bytes]:

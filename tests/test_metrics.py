@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 
+import pytest
 import trio
 from cluster_helpers import node_config, start_node, wait_converged
+from prometheus_client.parser import text_string_to_metric_families
+from tcp_proxy import open_proxy
 
 import clusterkit
 
@@ -68,3 +72,136 @@ async def test_metrics_describe_the_node(etcd: clusterkit.EmbeddedEtcd, prefix: 
 
 def test_metrics_port_none_serves_nothing() -> None:
     assert clusterkit.Config(node_id="x", metrics_port=None).metrics_port is None
+
+
+GO_README_METRICS = {
+    "clusterkit_nodes_total": "gauge",
+    "clusterkit_partitions_assigned": "gauge",
+    "clusterkit_partitions_leader": "gauge",
+    "clusterkit_rebalance": "counter",  # exposed as clusterkit_rebalance_total
+    "clusterkit_rebalance_duration_seconds": "histogram",
+    "clusterkit_partition_migrations": "counter",  # ..._total
+    "clusterkit_etcd_operations": "counter",  # ..._total{op}
+    "clusterkit_etcd_operation_duration_seconds": "histogram",
+}
+
+
+async def test_the_go_readme_metrics_and_health_endpoints(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nodes = [
+            await start_node(nursery, node_config(n, etcd.endpoints, prefix, metrics_port=0))
+            for n in ("a", "b")
+        ]
+        await wait_converged(nodes)
+        with trio.fail_after(10):  # every partition led (elections follow the map)
+            while sum(n.ck.is_leader(pt) for n in nodes for pt in range(64)) != 64:
+                await trio.sleep(0.02)
+        with trio.fail_after(10):
+            families = {}
+            for node in nodes:
+                assert node.ck.metrics_address is not None
+                head, body = await _http_get(node.ck.metrics_address, "/metrics")
+                assert head.startswith(b"HTTP/1.1 200 OK")
+                families.update(
+                    {
+                        (node.ck.node_id, f.name): f
+                        for f in text_string_to_metric_families(body.decode())
+                    }
+                )
+            for name, kind in GO_README_METRICS.items():
+                assert ("a", name) in families, name
+                assert families["a", name].type == kind
+            assigned = families["a", "clusterkit_partitions_assigned"].samples[0]
+            assert assigned.labels == {"node_id": "a"} and assigned.value == 64
+            led = sum(
+                families[n, "clusterkit_partitions_leader"].samples[0].value for n in ("a", "b")
+            )
+            assert led == 64
+            ops = families["a", "clusterkit_etcd_operations"].samples
+            assert {s.labels["op"] for s in ops} >= {"range", "txn", "lease_grant"}
+            latency = families["a", "clusterkit_etcd_operation_duration_seconds"].samples
+            txn_count = next(
+                s.value for s in latency if s.name.endswith("_count") and s.labels["op"] == "txn"
+            )
+            assert txn_count >= 1
+            rebalances = sum(
+                families[n, "clusterkit_rebalance"].samples[0].value for n in ("a", "b")
+            )
+            assert rebalances >= 1  # the coordinator completed at least the first map
+            a = nodes[0].ck
+            assert a.metrics_address is not None
+            head, body = await _http_get(a.metrics_address, "/health")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            assert json.loads(body) == {"status": "healthy", "node_id": "a", "partitions": 64}
+            head, body = await _http_get(a.metrics_address, "/ready")
+            assert head.startswith(b"HTTP/1.1 200 OK"), body
+            assert json.loads(body)["partitions_not_ready"] == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_health_turns_503_when_cut_off_from_etcd_and_back(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    async with open_proxy(etcd.endpoints[0]) as proxy, trio.open_nursery() as nursery:
+        node = await start_node(
+            nursery,
+            node_config("a", [proxy.endpoint], prefix, metrics_port=0, session_ttl=1.0),
+        )
+        address = node.ck.metrics_address
+        assert address is not None
+        with trio.fail_after(10):
+            while not (await _http_get(address, "/health"))[0].startswith(b"HTTP/1.1 200"):
+                await trio.sleep(0.05)
+        proxy.freeze()  # etcd stops answering: the session ends within its TTL
+        with trio.fail_after(10):
+            while not (await _http_get(address, "/health"))[0].startswith(b"HTTP/1.1 503"):
+                await trio.sleep(0.05)
+            head, body = await _http_get(address, "/ready")
+            assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["healthy"] is False
+        proxy.thaw()
+        with trio.fail_after(20):
+            while not (await _http_get(address, "/health"))[0].startswith(b"HTTP/1.1 200"):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_slow_oversized_and_crowding_clients_are_bounded(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, node_config("a", etcd.endpoints, prefix, metrics_port=0))
+        address = node.ck.metrics_address
+        assert address is not None
+        host, _, port = address.rpartition(":")
+        held = []
+        try:
+            with trio.fail_after(10):
+                # an oversized request head: refused, not buffered
+                stream = await trio.open_tcp_stream(host, int(port))
+                held.append(stream)
+                await stream.send_all(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000)
+                answer = await stream.receive_some(200)
+                assert answer.startswith(b"HTTP/1.1 431") or answer.startswith(b"HTTP/1.1 400")
+                # 100 slowloris connections (a byte, then silence): more than the server
+                # serves at once; a real scrape still gets through once they are cut off
+                for _ in range(100):
+                    s = await trio.open_tcp_stream(host, int(port))
+                    held.append(s)
+                    await s.send_all(b"G")
+            with trio.fail_after(15):  # READ_TIMEOUT (5 s) cuts the slow ones off
+                while True:
+                    try:
+                        head, _ = await _http_get(address, "/health")
+                    except (trio.BrokenResourceError, OSError):
+                        head = b""
+                    if head.startswith(b"HTTP/1.1 200"):
+                        break
+                    await trio.sleep(0.2)
+        finally:
+            for s in held:
+                await trio.aclose_forcefully(s)
+        nursery.cancel_scope.cancel()

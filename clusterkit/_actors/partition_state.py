@@ -190,6 +190,11 @@ class PartitionState:
     def __repr__(self) -> str:
         return f"<PartitionActor {self.pt} {self._track.role.value} epoch={self._epoch}>"
 
+    def synced(self, generation: int) -> bool:
+        """on_partition_assigned has completed for this partition under session
+        ``generation`` (its data is current: what ``/ready`` reports)."""
+        return generation >= 0 and self._synced_generation == generation
+
     @property
     def idle(self) -> bool:
         """True when the partition needs nothing more from this node: no role, not leading,

@@ -117,6 +117,24 @@ class PartitionSupervisor:
             **self._ctx.batcher.statistics(),
         }
 
+    def unready(self) -> int:
+        """Partitions the map gives this node (committed or joining) whose
+        on_partition_assigned has not completed under the current session (scrape time:
+        O(partitions))."""
+        view = self._views.value
+        if view.map is None:
+            return 0
+        generation = self._ctx.generation()
+        me = self._ctx.node_id
+        count = 0
+        for pt in range(view.map.partitions):
+            if role_of(view.map, pt, me) is Role.NONE:
+                continue
+            state = self._states.get(pt)
+            if state is None or not state.synced(generation):
+                count += 1
+        return count
+
     def open(self) -> None:
         """Start stepping partitions (and so running hooks): ``open_cluster`` calls this just
         before it hands the app its handle, so no hook runs before the app has it."""

@@ -51,6 +51,7 @@ import trio.testing
 from .._config import MAP_REQUEST_LIMIT, Config
 from .._core.debounce import CommitPacer, Debouncer, commit_interval
 from .._core.handoff import MapSummary, Plan, ReadyTracker, commit_ready, delete_batches, plan
+from .._core.histogram import REBALANCE_BUCKETS, Histogram
 from .._core.keys import KeyLayout, valid_node_id
 from .._core.records import MapRecord, RecordError, decode_map, encode_map, map_version_hint
 from .._core.view import ClusterView
@@ -104,6 +105,12 @@ class RebalancerActor:
         self.plans_written = 0
         self.commits_written = 0
         self.repairs_written = 0
+        # Rebalances this node completed as coordinator, and how long each took: from the
+        # first plan with moves to the map that committed the last of them (0 s for a plan
+        # that moved nothing, such as a cold start's first map).
+        self.rebalances = 0
+        self.rebalance_seconds = Histogram(REBALANCE_BUCKETS)
+        self._rebalance_started: float | None = None
         self.map_problems = 0
         self.delete_txns = 0
         self.conflicts = 0
@@ -123,6 +130,7 @@ class RebalancerActor:
             "delete_txns": self.delete_txns,
             "conflicts": self.conflicts,
             "campaigns": self.campaigns,
+            "rebalances": self.rebalances,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -137,6 +145,7 @@ class RebalancerActor:
                 await trio.sleep(0.2)
             finally:
                 self.term = None
+                self._rebalance_started = None
 
     def _session_ended(self, session: Session) -> bool:
         current = self._session.value
@@ -165,6 +174,7 @@ class RebalancerActor:
             ) and view.revision >= self.term:
                 self._log.info("clusterkit %s: no longer coordinator", self._node_id)
                 self.term = None
+                self._rebalance_started = None
                 continue
             elif blocked:
                 await self._resign()
@@ -292,6 +302,7 @@ class RebalancerActor:
         await self._client.txn([Compare.create_revision(key, "=", self.term)], [Op.delete(key)])
         self._log.info("clusterkit %s: resigned as coordinator", self._node_id)
         self.term = None
+        self._rebalance_started = None
 
     async def _offload(self, big: bool, fn: Callable[..., T], *args: object) -> T:
         """Run a pure O(P) step inline, or in a worker thread for big maps (the GIL is
@@ -414,6 +425,13 @@ class RebalancerActor:
             self.repairs_written += 1
         self._debounce.done()
         self._written_at = txn.revision
+        now_s = trio.current_time()
+        if kind == "plan" and self._rebalance_started is None:
+            self._rebalance_started = now_s
+        if not record.pending and self._rebalance_started is not None:
+            self.rebalances += 1
+            self.rebalance_seconds.observe(now_s - self._rebalance_started)
+            self._rebalance_started = None
         if kind == "commit":
             self._pacer.done(committed=True)
         else:

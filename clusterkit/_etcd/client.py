@@ -13,6 +13,7 @@ when etcd rejects the token as invalid or expired.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import grpc
 import trio
 
+from .._core.histogram import OperationStats
 from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
 from .bridge import AioBridge
 from .channel import Endpoint, Endpoints, EtcdConfig
@@ -147,6 +149,21 @@ async def read_all_pages(
         start = page.kvs[-1].key + b"\x00"
 
 
+_OP_NAMES = {
+    "Range": "range",
+    "Put": "put",
+    "DeleteRange": "delete_range",
+    "Txn": "txn",
+    "Compact": "compact",
+    "LeaseGrant": "lease_grant",
+    "LeaseRevoke": "lease_revoke",
+    "LeaseTimeToLive": "lease_time_to_live",
+    "MemberList": "member_list",
+    "Status": "status",
+    "Authenticate": "authenticate",
+}
+
+
 class EtcdClient:
     """An async etcd v3 client for Trio. Open it with :func:`open_etcd_client`.
 
@@ -164,6 +181,8 @@ class EtcdClient:
         self._watches = WatchHub(self)
         self._keepalives = LeaseKeepAliveHub(self)
         self.reauthentications = 0
+        self.operations = OperationStats()
+        """Calls, failures and latency per etcd operation (``range``, ``txn``, ...)."""
         self._closed = False
 
     def __repr__(self) -> str:
@@ -227,6 +246,28 @@ class EtcdClient:
         if auth and self.config.username and self._token is None:
             await self._authenticate(None)
         timeout = timeout or self.config.request_timeout
+        op = _OP_NAMES.get(method) or method
+        started = time.perf_counter()
+        try:
+            result = await self._call_with_retries(
+                service, method, request, retry=retry, auth=auth, timeout=timeout
+            )
+        except Exception:  # (a cancelled call is not counted: it did not fail)
+            self.operations.failed(op, time.perf_counter() - started)
+            raise
+        self.operations.succeeded(op, time.perf_counter() - started)
+        return result
+
+    async def _call_with_retries(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        *,
+        retry: bool,
+        auth: bool,
+        timeout: float,
+    ) -> Any:
         attempts = len(self.endpoints) if retry else 1
         reauthenticated = False
         attempt = 0
