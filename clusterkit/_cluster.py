@@ -22,6 +22,7 @@ import trio
 
 from ._actors.batcher import EtcdBatcher
 from ._actors.cell import Latest
+from ._actors.drain import DrainWatcher
 from ._actors.events import EventHub, EventStream
 from ._actors.liveness import LivenessProbe
 from ._actors.membership import Drain, Leave, MembershipActor, MembershipMessage, Session
@@ -587,7 +588,12 @@ async def _open_node(
                         serve_metrics, health_routes(ck, render_for(ck)), host, config.metrics_port
                     )
                     ck.metrics_address = f"{config.advertise_addr}:{port}"
+                drain_watcher = DrainWatcher(
+                    etcd, layout, config.node_id, lambda: ck.leave(drain=True), config.log
+                )
+                ck._actors.append(drain_watcher)
                 partitions.open()  # hooks run from here on: the body has its handle first
+                nursery.start_soon(drain_watcher.run)
                 current = views.value
                 config.log.info(
                     "clusterkit %s: joined: peers at %s, grpc %s, etcd %s, "

@@ -9,11 +9,14 @@
 | ``P/leaders/<pt>``         | node id                 | leader's session   |
 | ``P/secret``               | peer secret (hex)       | none               |
 | ``P/cluster``              | cluster identity (JSON) | none               |
+| ``P/drain/<node_id>``      | why (text), by an operator | none            |
 
 ``P/secret`` is created by the first node when the config gives no ``cluster_secret``: the
 peers' shared secret is then as safe as read access to the prefix. ``P/cluster`` is created
 once, by the first node that joins: P, R, the hash function and the map format every later
-node must share (checked before a node registers).
+node must share (checked before a node registers). ``P/drain/<node_id>`` is written by an
+operator (``clusterkit drain``): the node leaves with ``drain=True`` when it sees it, and while
+it exists the node drains again each time it starts (``clusterkit undrain`` deletes it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Literal
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
-KeyKind = Literal["node", "coordinator", "map", "ready", "leader", "secret", "cluster"]
+KeyKind = Literal["node", "coordinator", "map", "ready", "leader", "secret", "cluster", "drain"]
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -59,6 +62,7 @@ class KeyLayout:
         self.leaders_prefix = self.root + b"leaders/"
         self.secret = self.root + b"secret"
         self.cluster = self.root + b"cluster"
+        self.drain_prefix = self.root + b"drain/"
 
     def __repr__(self) -> str:
         return f"KeyLayout({self.prefix!r})"
@@ -68,6 +72,9 @@ class KeyLayout:
 
     def ready(self, partition: int, node_id: str) -> bytes:
         return self.ready_prefix + f"{partition}/{node_id}".encode()
+
+    def drain(self, node_id: str) -> bytes:
+        return self.drain_prefix + node_id.encode()
 
     def leader(self, partition: int) -> bytes:
         return self.leaders_prefix + str(partition).encode()
@@ -92,6 +99,8 @@ class KeyLayout:
         kind, _, tail = text.partition("/")
         if kind == "nodes" and valid_node_id(tail):
             return ParsedKey("node", node_id=tail)
+        if kind == "drain" and valid_node_id(tail):
+            return ParsedKey("drain", node_id=tail)
         if kind == "leaders" and is_number(tail):
             return ParsedKey("leader", partition=int(tail))
         if kind == "ready":

@@ -246,6 +246,8 @@ class ViewState:
                     pass
                 case "cluster":
                     pass
+                case "drain":
+                    pass  # an operator's drain request: the node's DrainWatcher acts on it
                 case "node":
                     self._routing_dirty = True
                     self._nodes_dirty = True
