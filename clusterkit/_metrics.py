@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from ._actors.rebalancer import RebalancerActor
 from ._core.histogram import Histogram, OperationStats
+from ._core.view import ClusterView
 
 if TYPE_CHECKING:
     from ._cluster import ClusterKit
@@ -81,6 +82,23 @@ class NodeCollector(Collector):
         yield _gauge(
             "clusterkit_partitions_moving", "partitions with a move in flight", me, pending
         )
+        under, leaderless = _coverage(view)
+        yield _gauge(
+            "clusterkit_partitions_under_replicated",
+            "partitions with fewer registered replicas than min(R, active nodes)",
+            me,
+            under,
+        )
+        yield _gauge(
+            "clusterkit_partitions_leaderless", "partitions without a leader key", me, leaderless
+        )
+        supervisor = ck._supervisor
+        yield _gauge(
+            "clusterkit_partitions_not_ready",
+            "partitions of this node whose on_partition_assigned has not completed this session",
+            me,
+            supervisor.unready() if supervisor is not None else 0,
+        )
         yield from _go_readme_families(ck, held, led)
         sources = dict(ck.statistics())
         sources["Migration"] = ck.migration.statistics()
@@ -94,6 +112,17 @@ class NodeCollector(Collector):
                     family = CounterMetricFamily(metric_name, f"{actor} {name}", labels=labels)
                 family.add_metric([me], value)
                 yield family
+
+
+def _coverage(view: ClusterView) -> tuple[int, int]:
+    """(under-replicated, leaderless) partitions of ``view``: O(partitions), at scrape time."""
+    if view.map is None:
+        return 0, 0
+    live = view.nodes.keys()
+    want = min(view.map.replica_factor, len(view.active_node_ids()))
+    under = sum(1 for row in view.map.replicas if sum(1 for n in row if n in live) < want)
+    leaderless = view.map.partitions - len(view.leaders)
+    return under, leaderless
 
 
 def _go_readme_families(ck: ClusterKit, assigned: int, led: int) -> Iterator[Metric]:

@@ -205,3 +205,59 @@ async def test_slow_oversized_and_crowding_clients_are_bounded(
             for s in held:
                 await trio.aclose_forcefully(s)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_ready_waits_for_a_joining_replica_to_pull_and_a_join_counts_a_rebalance(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    gate = trio.Event()
+    pulling = trio.Event()
+
+    async def slow_pull(pt: int, previous: clusterkit.Node | None) -> None:
+        pulling.set()
+        await gate.wait()  # the joining replica is still copying its data
+
+    def scrape(text: str, name: str) -> float:
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name
+        )
+
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, node_config("a", etcd.endpoints, prefix, metrics_port=0))
+        await wait_converged([a])
+        assert a.ck.metrics_address is not None
+        _, body = await _http_get(a.ck.metrics_address, "/metrics")
+        before = scrape(body.decode(), "clusterkit_rebalance_total")
+        b = await start_node(
+            nursery,
+            node_config(
+                "b", etcd.endpoints, prefix, metrics_port=0, on_partition_assigned=slow_pull
+            ),
+        )
+        assert b.ck.metrics_address is not None
+        with trio.fail_after(20):
+            await pulling.wait()
+            head, body = await _http_get(b.ck.metrics_address, "/ready")
+            assert head.startswith(b"HTTP/1.1 503"), head
+            assert json.loads(body)["partitions_not_ready"] > 0
+            head, _ = await _http_get(b.ck.metrics_address, "/health")
+            assert head.startswith(b"HTTP/1.1 200")  # healthy, just not ready
+            gate.set()
+            await wait_converged([a, b])
+            while not (await _http_get(b.ck.metrics_address, "/ready"))[0].startswith(
+                b"HTTP/1.1 200"
+            ):
+                await trio.sleep(0.05)
+            total = 0.0
+            for node in (a, b):
+                assert node.ck.metrics_address is not None
+                _, body = await _http_get(node.ck.metrics_address, "/metrics")
+                total += scrape(body.decode(), "clusterkit_rebalance_total")
+            assert total > before  # the join's moves completed a rebalance
+        for node in (b, a):
+            await node.stop()
+        nursery.cancel_scope.cancel()
