@@ -154,6 +154,16 @@ def _go_readme_families(ck: ClusterKit, assigned: int, led: int) -> Iterator[Met
             "duration of the rebalances this node completed as coordinator",
             rebalancer.rebalance_seconds,
         )
+    supervisor = ck._supervisor
+    if supervisor is not None:
+        hooks = HistogramMetricFamily(
+            "clusterkit_hook_duration_seconds",
+            "how long the app's partition hooks ran, by hook",
+            labels=["node_id", "hook"],
+        )
+        for hook, histogram in sorted(supervisor.hook_seconds().items()):
+            hooks.add_metric([me, hook], histogram.cumulative(), histogram.sum)
+        yield hooks
     migration = ck.migration.statistics()
     yield CounterMetricFamily(
         "clusterkit_partition_migrations",

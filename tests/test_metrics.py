@@ -258,6 +258,15 @@ async def test_ready_waits_for_a_joining_replica_to_pull_and_a_join_counts_a_reb
                 _, body = await _http_get(node.ck.metrics_address, "/metrics")
                 total += scrape(body.decode(), "clusterkit_rebalance_total")
             assert total > before  # the join's moves completed a rebalance
+            _, body = await _http_get(b.ck.metrics_address, "/metrics")
+            hooks = [
+                s
+                for f in text_string_to_metric_families(body.decode())
+                for s in f.samples
+                if s.name == "clusterkit_hook_duration_seconds_count"
+            ]
+            assigned = [s for s in hooks if s.labels["hook"] == "on_partition_assigned"]
+            assert assigned and assigned[0].value >= 1  # the slow pulls were timed
         for node in (b, a):
             await node.stop()
         nursery.cancel_scope.cancel()

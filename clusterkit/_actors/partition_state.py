@@ -46,6 +46,7 @@ from typing import Any
 import trio
 
 from .._config import Config
+from .._core.histogram import HOOK_BUCKETS, Histogram
 from .._core.hookplan import HookCall, Role, Track, leadership, role_of, transition
 from .._core.keys import KeyLayout
 from .._core.records import Node
@@ -104,6 +105,7 @@ class PartitionContext:
     emit: Callable[[ClusterEvent], None]
     margin: float
     counters: dict[str, int] = field(default_factory=dict)
+    hook_seconds: dict[str, Histogram] = field(default_factory=dict)
     # The session's generation (-1: none). Unlike ``session``, it does not change on every
     # keepalive, so partition actors are not all woken once per heartbeat.
     session_gen: Latest[int] = field(default_factory=lambda: Latest(-1, "session generation"))
@@ -122,6 +124,13 @@ class PartitionContext:
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+    def hook_duration(self, name: str, seconds: float) -> None:
+        """Record how long one call of hook ``name`` ran (errors and cancellation included)."""
+        histogram = self.hook_seconds.get(name)
+        if histogram is None:
+            histogram = self.hook_seconds[name] = Histogram(HOOK_BUCKETS)
+        histogram.observe(seconds)
 
 
 def _node(view: ClusterView, node_id: str | None) -> Node | None:
@@ -347,9 +356,13 @@ class PartitionState:
         if hook is not None:
             try:
                 async with ctx.limiter:
-                    result = hook(*args)
-                    if inspect.isawaitable(result):
-                        await result
+                    started = trio.current_time()
+                    try:
+                        result = hook(*args)
+                        if inspect.isawaitable(result):
+                            await result
+                    finally:
+                        ctx.hook_duration(name, trio.current_time() - started)
             except Exception:
                 ctx.count(f"{name}_errors")
                 ctx.config.log.exception("clusterkit %s: %s%r raised", self._me, name, args)

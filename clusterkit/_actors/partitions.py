@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from .._core.histogram import Histogram
 from .._core.hookplan import Role, role_of
 from .._core.records import MapRecord
 from .._core.view import EMPTY_VIEW, Changes, ClusterView
@@ -116,6 +117,10 @@ class PartitionSupervisor:
             **self._ctx.counters,
             **self._ctx.batcher.statistics(),
         }
+
+    def hook_seconds(self) -> dict[str, Histogram]:
+        """Durations of the app's hook calls so far, by hook name."""
+        return dict(self._ctx.hook_seconds)
 
     def unready(self) -> int:
         """Partitions the map gives this node (committed or joining) whose

@@ -13,6 +13,9 @@ from bisect import bisect_left
 
 ETCD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Seconds: a loopback etcd answers in ~0.5 ms, a loaded or remote one in tens of ms."""
+HOOK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+"""Seconds: a hook that only records a role returns in microseconds; one that copies a
+partition's data can take minutes."""
 REBALANCE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Seconds: from a plan with moves to the map that commits the last of them."""
 
