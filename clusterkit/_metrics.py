@@ -164,6 +164,23 @@ def _go_readme_families(ck: ClusterKit, assigned: int, led: int) -> Iterator[Met
         for hook, histogram in sorted(supervisor.hook_seconds().items()):
             hooks.add_metric([me, hook], histogram.cumulative(), histogram.sum)
         yield hooks
+    peers = getattr(ck, "peers", None)
+    if peers is not None:
+        calls = CounterMetricFamily(
+            "clusterkit_peer_requests",
+            "peer requests and streams this node served, by method",
+            labels=["node_id", "method"],
+        )
+        errors = CounterMetricFamily(
+            "clusterkit_peer_request_errors",
+            "peer requests and streams whose handler raised, by method",
+            labels=["node_id", "method"],
+        )
+        for method, (n, failed) in sorted(peers.served.items()):
+            calls.add_metric([me, method], n)
+            errors.add_metric([me, method], failed)
+        yield calls
+        yield errors
     migration = ck.migration.statistics()
     yield CounterMetricFamily(
         "clusterkit_partition_migrations",

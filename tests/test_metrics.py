@@ -98,6 +98,17 @@ async def test_the_go_readme_metrics_and_health_endpoints(
         with trio.fail_after(10):  # every partition led (elections follow the map)
             while sum(n.ck.is_leader(pt) for n in nodes for pt in range(64)) != 64:
                 await trio.sleep(0.02)
+
+        async def echo(payload: object) -> object:
+            if payload == "boom":
+                raise ValueError("boom")
+            return payload
+
+        nodes[0].ck.peers.add_handler("test.echo", echo)
+        with trio.fail_after(10):
+            assert await nodes[1].ck.peers.request("a", "test.echo", 1) == 1
+            with pytest.raises(clusterkit.RemoteError):
+                await nodes[1].ck.peers.request("a", "test.echo", "boom")
         with trio.fail_after(10):
             families = {}
             for node in nodes:
@@ -130,6 +141,13 @@ async def test_the_go_readme_metrics_and_health_endpoints(
                 families[n, "clusterkit_rebalance"].samples[0].value for n in ("a", "b")
             )
             assert rebalances >= 1  # the coordinator completed at least the first map
+            served = {
+                (s.name, s.labels["method"]): s.value
+                for s in families["a", "clusterkit_peer_requests"].samples
+                + families["a", "clusterkit_peer_request_errors"].samples
+            }
+            assert served["clusterkit_peer_requests_total", "test.echo"] == 2
+            assert served["clusterkit_peer_request_errors_total", "test.echo"] == 1
             a = nodes[0].ck
             assert a.metrics_address is not None
             head, body = await _http_get(a.metrics_address, "/health")

@@ -48,6 +48,8 @@ class Peers:
         self.stream_handlers = stream_handlers
         self.address = address
         """``host:port`` of this node's own peer endpoint."""
+        self.served: dict[str, list[int]] = {}
+        """Per method served (handlers and stream handlers): ``[calls, errors]``."""
 
     def __repr__(self) -> str:
         return f"<Peers at {self.address} handlers={sorted(self.handlers)}>"
@@ -92,14 +94,34 @@ class Peers:
                 (reserved for clusterkit's own services).
         """
         _check_method(method, _internal)
-        self.handlers[method] = fn
+        counts = self.served.setdefault(method, [0, 0])
+
+        async def counted(payload: Any) -> Any:
+            counts[0] += 1
+            try:
+                return await fn(payload)
+            except Exception:
+                counts[1] += 1
+                raise
+
+        self.handlers[method] = counted
 
     def add_stream_handler(
         self, method: str, fn: StreamHandler, *, _internal: bool = False
     ) -> None:
         """Register the stream handler ``fn`` for ``method`` (same rules as handlers)."""
         _check_method(method, _internal)
-        self.stream_handlers[method] = fn
+        counts = self.served.setdefault(method, [0, 0])
+
+        async def counted(stream: PeerStream, payload: Any) -> None:
+            counts[0] += 1
+            try:
+                await fn(stream, payload)
+            except Exception:
+                counts[1] += 1
+                raise
+
+        self.stream_handlers[method] = counted
 
     # -- calling ---------------------------------------------------------------------------
 
