@@ -16,6 +16,7 @@ callers to one address share one connection attempt.
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from typing import Any
 
 import trio
 import trio_websocket
+from wsproto.utilities import LocalProtocolError
 
 from .._boundary import single_errors
 from .._errors import PeerAuthFailed, PeerError, PeerUnreachable, RemoteError
@@ -50,6 +52,8 @@ __all__ = [
     "RemoteError",
     "serve_peers",
 ]
+
+_log = logging.getLogger("clusterkit.peers")
 
 QUEUE = 256  # websocket messages trio-websocket may buffer per connection
 RECEIVE_BUFFER = 1024 * 1024  # bytes read from the socket at once
@@ -237,7 +241,10 @@ async def serve_peers(
     pending: dict[int, trio.CancelScope] = {}  # insertion order: oldest first
     serial = 0
 
-    async def on_connect(request: trio_websocket.WebSocketRequest) -> None:
+    async def handle(stream: trio.abc.Stream) -> None:
+        """One TCP connection, from accept to close. Whatever goes wrong on it (a hostile or
+        broken client, trio-websocket tripping over a close already under way) ends that
+        connection alone: nothing raised here may reach the server's nursery."""
         nonlocal serial
         serial += 1
         me = serial
@@ -245,45 +252,57 @@ async def serve_peers(
             while len(pending) >= max_pending:
                 pending.pop(next(iter(pending))).cancel()
                 counts["dropped"] += 1
-        remote: str | None = None
-        with trio.CancelScope() as scope:
-            pending[me] = scope
-            counts["pending"] = len(pending)
-            try:
-                try:
-                    ws = await request.accept()
-                except trio_websocket.ConnectionClosed:
-                    return  # the client left during the upgrade; raising would stop the server
-                remote = await server_handshake(
-                    ws, local_id, secret, min(max_frame, preauth_max_frame)
-                )
-            finally:
-                pending.pop(me, None)
-                counts["pending"] = len(pending)
-        if remote is None:  # refused, timed out, or dropped for a newer connection
-            return
-        _set_limits(ws, max_frame, RECEIVE_BUFFER)
-        await serve_authenticated(
-            ws, remote, handlers, stream_handlers, max_frame=max_frame, sessions=sessions
-        )
+        try:
+            async with trio.open_nursery() as connection:
+                ws: trio_websocket.WebSocketConnection | None = None
+                remote: str | None = None
+                with trio.CancelScope() as scope:
+                    pending[me] = scope
+                    counts["pending"] = len(pending)
+                    try:
+                        with trio.fail_after(HANDSHAKE_TIMEOUT):  # TLS and the HTTP upgrade
+                            request = await trio_websocket.wrap_server_stream(
+                                connection,
+                                stream,
+                                QUEUE,
+                                min(max_frame, preauth_max_frame),
+                                PREAUTH_RECEIVE_BUFFER,
+                            )
+                            ws = await request.accept()
+                        remote = await server_handshake(
+                            ws, local_id, secret, min(max_frame, preauth_max_frame)
+                        )
+                    except (trio.TooSlowError, trio_websocket.ConnectionClosed):
+                        pass
+                    finally:
+                        pending.pop(me, None)
+                        counts["pending"] = len(pending)
+                if ws is not None and remote is not None:
+                    _set_limits(ws, max_frame, RECEIVE_BUFFER)
+                    await serve_authenticated(
+                        ws,
+                        remote,
+                        handlers,
+                        stream_handlers,
+                        max_frame=max_frame,
+                        sessions=sessions,
+                    )
+                if ws is not None:
+                    await _close_bounded(ws, 1000, "")
+                connection.cancel_scope.cancel()
+        except* Exception as group:
+            counts["errors"] = counts.get("errors", 0) + 1
+            _log.debug("peer connection ended with %r", group.exceptions[0])
+        finally:
+            await trio.aclose_forcefully(stream)
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: trio_websocket.serve_websocket(
-                on_connect,
-                host,
-                port,
-                ssl_context,
-                handler_nursery=nursery,
-                max_message_size=min(max_frame, preauth_max_frame),
-                message_queue_size=QUEUE,
-                receive_buffer_size=PREAUTH_RECEIVE_BUFFER,
-                connect_timeout=HANDSHAKE_TIMEOUT,
-                disconnect_timeout=HANDSHAKE_TIMEOUT,
-                task_status=task_status,
-            )
-        )
-        task_status.started(server.port)
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    sockname = tcp[0].socket.getsockname()
+    listeners: list[trio.abc.Listener[Any]] = list(tcp)
+    if ssl_context is not None:  # TLS wraps the whole websocket (wss)
+        listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
+    task_status.started(int(sockname[1]))
+    await trio.serve_listeners(handle, listeners)
 
 
 class PeerPool:
@@ -474,6 +493,9 @@ class PeerPool:
             trio.TooSlowError,
             trio_websocket.HandshakeError,
             trio_websocket.ConnectionClosed,
+            # trio-websocket's reader trips over a peer that keeps sending (an oversized message
+            # before authentication) while our close is under way: that connection is over.
+            LocalProtocolError,
         ) as exc:
             if started:  # the session ran and ended; its callers have been failed already
                 return

@@ -165,3 +165,51 @@ async def test_silent_connections_at_the_bound_make_room_for_a_real_peer() -> No
             for stream in held:
                 await trio.aclose_forcefully(stream)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_keeps_sending_while_we_close_cannot_take_the_server_down() -> None:
+    """trio-websocket's reader raises (wsproto LocalProtocolError) when an oversized message
+    arrives on a connection it is already closing; that used to escape into the server's
+    nursery and stop the node's peer endpoint. Now it ends that connection alone."""
+
+    async def ping(payload: object) -> object:
+        return payload
+
+    stats: dict[str, int] = {}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_peers(
+                "victim",
+                SECRET,
+                {"ping": ping},
+                "127.0.0.1",
+                0,
+                max_pending=1,
+                stats=stats,
+                task_status=task_status,
+            )
+        )
+        hostile = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            with trio.fail_after(10):
+                await hostile.send_all(UPGRADE)
+                seen = b""
+                while b"\r\n\r\n" not in seen:
+                    seen += await hostile.receive_some(4096)
+                # A second connection evicts the first (max_pending=1): the server closes it.
+                second = await trio.open_tcp_stream("127.0.0.1", port)
+                await second.send_all(UPGRADE)
+                while b"\x88" not in seen.split(b"\r\n\r\n", 1)[1]:  # the server's Close frame
+                    seen += await hostile.receive_some(4096)
+                # ... and we keep talking: a 2 KiB message, over the pre-auth limit.
+                frame = bytes([0x82, 0x80 | 126]) + struct.pack("!H", 2048) + bytes(4)
+                await hostile.send_all(frame + bytes(2048))
+                while stats.get("errors", 0) == 0:
+                    await trio.sleep(0.01)
+                await trio.aclose_forcefully(second)
+                pool = PeerPool(nursery, "legit", SECRET)
+                assert await pool.request(f"127.0.0.1:{port}", "ping", b"ok") == b"ok"
+                await pool.aclose()
+        finally:
+            await trio.aclose_forcefully(hostile)
+            nursery.cancel_scope.cancel()
