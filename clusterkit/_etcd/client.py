@@ -246,60 +246,48 @@ class EtcdClient:
         if auth and self.config.username and self._token is None:
             await self._authenticate(None)
         timeout = timeout or self.config.request_timeout
-        op = _OP_NAMES.get(method) or method
-        started = time.perf_counter()
-        try:
-            result = await self._call_with_retries(
-                service, method, request, retry=retry, auth=auth, timeout=timeout
-            )
-        except Exception:  # (a cancelled call is not counted: it did not fail)
-            self.operations.failed(op, time.perf_counter() - started)
-            raise
-        self.operations.succeeded(op, time.perf_counter() - started)
-        return result
-
-    async def _call_with_retries(
-        self,
-        service: str,
-        method: str,
-        request: Any,
-        *,
-        retry: bool,
-        auth: bool,
-        timeout: float,
-    ) -> Any:
         attempts = len(self.endpoints) if retry else 1
         reauthenticated = False
         attempt = 0
-        while True:
-            endpoint: Endpoint = self.endpoints.current
-            token = self._token
-            lease = service == "lease"
-            try:
-                return await (self.lease_bridge if lease else self.bridge).unary(
-                    endpoint,
-                    service,
-                    method,
-                    request,
-                    timeout=timeout,
-                    metadata=self._metadata() if auth else None,
-                    lane="lease" if lease else "main",
-                )
-            except grpc.RpcError as exc:
-                error = translate(exc)
-            if isinstance(error, InvalidAuthToken) and auth and self.config.username:
-                if reauthenticated:
-                    raise error
-                reauthenticated = True
-                self.reauthentications += 1
-                await self._authenticate(token)
-                continue
-            if isinstance(error, EtcdUnavailable):
-                self.endpoints.failed(endpoint)
-                attempt += 1
-                if attempt < attempts:
+        started = time.perf_counter()
+        try:
+            while True:
+                endpoint: Endpoint = self.endpoints.current
+                token = self._token
+                lease = service == "lease"
+                try:
+                    result = await (self.lease_bridge if lease else self.bridge).unary(
+                        endpoint,
+                        service,
+                        method,
+                        request,
+                        timeout=timeout,
+                        metadata=self._metadata() if auth else None,
+                        lane="lease" if lease else "main",
+                    )
+                except grpc.RpcError as exc:
+                    error = translate(exc)
+                else:
+                    self.operations.succeeded(
+                        _OP_NAMES.get(method, method), time.perf_counter() - started
+                    )
+                    return result
+                if isinstance(error, InvalidAuthToken) and auth and self.config.username:
+                    if reauthenticated:
+                        raise error
+                    reauthenticated = True
+                    self.reauthentications += 1
+                    await self._authenticate(token)
                     continue
-            raise error
+                if isinstance(error, EtcdUnavailable):
+                    self.endpoints.failed(endpoint)
+                    attempt += 1
+                    if attempt < attempts:
+                        continue
+                raise error
+        except Exception:  # (a cancelled call is not counted: it did not fail)
+            self.operations.failed(_OP_NAMES.get(method, method), time.perf_counter() - started)
+            raise
 
     # -- KV -----------------------------------------------------------------------------
 
