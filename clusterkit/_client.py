@@ -269,13 +269,7 @@ class RoutingClient:
         snapshot = await self._etcd.get_prefix(self._layout.root)
         state = ViewState(self._layout)
         for kv in snapshot.kvs:
-            problem = state.apply(
-                kv.key,
-                kv.value,
-                create_revision=kv.create_revision,
-                mod_revision=kv.mod_revision,
-                lease=kv.lease,
-            )
+            problem = state.apply_kv(kv)
             if problem is not None:
                 self._counters["garbage"] += 1
                 parsed = self._layout.parse(kv.key)

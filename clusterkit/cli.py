@@ -44,29 +44,21 @@ EXIT_ERROR = 2
 
 @dataclass
 class Snapshot:
-    """The cluster as stored at one revision, and the keys it was read from."""
+    """The cluster as stored at one revision, the keys it ignored, and the state that built
+    it (``watch`` goes on applying events to it)."""
 
     view: ClusterView
     revision: int
     garbage: list[str]
+    state: ViewState
 
 
 async def read(etcd: EtcdClient, layout: KeyLayout) -> Snapshot:
     """Read the whole prefix once and build the same view the nodes build."""
     result = await etcd.get_prefix(layout.root)
     state = ViewState(layout)
-    garbage = []
-    for kv in result.kvs:
-        problem = state.apply(
-            kv.key,
-            kv.value,
-            create_revision=kv.create_revision,
-            mod_revision=kv.mod_revision,
-            lease=kv.lease,
-        )
-        if problem is not None:
-            garbage.append(problem)
-    return Snapshot(state.snapshot(result.revision), result.revision, garbage)
+    garbage = [p for kv in result.kvs if (p := state.apply_kv(kv)) is not None]
+    return Snapshot(state.snapshot(result.revision), result.revision, garbage, state)
 
 
 # -- what each command reports (plain data, printed as a table or as JSON) -------------------
@@ -228,32 +220,16 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 async def _watch(etcd: EtcdClient, layout: KeyLayout, args: argparse.Namespace) -> int:
-    state = ViewState(layout)
-    result = await etcd.get_prefix(layout.root)
-    for kv in result.kvs:
-        state.apply(
-            kv.key,
-            kv.value,
-            create_revision=kv.create_revision,
-            mod_revision=kv.mod_revision,
-            lease=kv.lease,
-        )
-    before = state.snapshot(result.revision)
-    start = {"revision": result.revision, "event": "watching", "prefix": layout.prefix}
+    snap = await read(etcd, layout)
+    state, before = snap.state, snap.view
+    start = {"revision": snap.revision, "event": "watching", "prefix": layout.prefix}
     _emit(args, start, " ".join(f"{k}={v}" for k, v in start.items()))
     printed = 0
     with trio.move_on_after(args.seconds if args.seconds else float("inf")):
-        async with etcd.watch(layout.root, prefix=True, start_revision=result.revision + 1) as w:
+        async with etcd.watch(layout.root, prefix=True, start_revision=snap.revision + 1) as w:
             async for batch in w:
                 for ev in batch.events:
-                    kv = ev.kv
-                    state.apply(
-                        kv.key,
-                        kv.value if ev.type is EventType.PUT else None,
-                        create_revision=kv.create_revision,
-                        mod_revision=kv.mod_revision,
-                        lease=kv.lease,
-                    )
+                    state.apply_kv(ev.kv, deleted=ev.type is EventType.DELETE)
                 after = state.snapshot(batch.revision)
                 for event in _diff(before, after):
                     _emit(args, event, " ".join(f"{k}={v}" for k, v in event.items()))

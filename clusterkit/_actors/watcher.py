@@ -158,13 +158,7 @@ class WatcherActor:
                 self.views.set(self._state.snapshot(revision))
 
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
-        problem = self._state.apply(
-            kv.key,
-            None if deleted else kv.value,
-            create_revision=kv.create_revision,
-            mod_revision=kv.mod_revision,
-            lease=kv.lease,
-        )
+        problem = self._state.apply_kv(kv, deleted=deleted)
         if problem is not None:
             self.garbage += 1
             parsed = self._layout.parse(kv.key)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .chunked import (
     EMPTY_READY,
@@ -41,6 +42,22 @@ from .chunked import (
 )
 from .keys import KeyLayout
 from .records import MapRecord, Node, RecordError, decode_map, decode_node
+
+
+class StoredKey(Protocol):
+    """A key as etcd stores it (what a range or a watch event carries)."""
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def create_revision(self) -> int: ...
+    @property
+    def mod_revision(self) -> int: ...
+    @property
+    def lease(self) -> int: ...
+
 
 CHANGES_LIMIT = 1 << 16  # touched partitions remembered before collapsing to "everything"
 
@@ -222,6 +239,16 @@ class ViewState:
         changes.map = changes.map or pending.map
         if len(changes.partitions) > CHANGES_LIMIT:
             self.changes = Changes(everything=True)
+
+    def apply_kv(self, kv: StoredKey, *, deleted: bool = False) -> str | None:
+        """:meth:`apply` a key as etcd returns it (a range's key, or a watch event's)."""
+        return self.apply(
+            kv.key,
+            None if deleted else kv.value,
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+            lease=kv.lease,
+        )
 
     def apply(
         self,
