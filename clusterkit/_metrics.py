@@ -72,7 +72,7 @@ class NodeCollector(Collector):
             me,
             view.map.version if view.map is not None else 0,
         )
-        held = sum(1 for row in view.replica_nodes if any(n.id == me for n in row))
+        held = _assigned(view, me)
         yield _gauge(
             "clusterkit_partitions_replicated", "partitions this node replicates", me, held
         )
@@ -112,6 +112,11 @@ class NodeCollector(Collector):
                     family = CounterMetricFamily(metric_name, f"{actor} {name}", labels=labels)
                 family.add_metric([me], value)
                 yield family
+
+
+def _assigned(view: ClusterView, me: str) -> int:
+    """Partitions whose committed replicas include ``me``."""
+    return sum(1 for row in view.replica_nodes if any(n.id == me for n in row))
 
 
 def _coverage(view: ClusterView) -> tuple[int, int]:
@@ -354,16 +359,12 @@ def health_routes(ck: ClusterKit, render: Callable[[], bytes]) -> dict[str, Rout
     def metrics() -> Answer:
         return Answer(200, render(), CONTENT_TYPE)
 
-    def assigned() -> int:
-        me = ck.node_id
-        return sum(1 for row in ck.view.replica_nodes if any(n.id == me for n in row))
-
     def health() -> Answer:
         healthy = ck.is_healthy()
         body = {
             "status": "healthy" if healthy else "unhealthy",
             "node_id": ck.node_id,
-            "partitions": assigned(),
+            "partitions": _assigned(ck.view, ck.node_id),
         }
         return Answer(200 if healthy else 503, _json(body), "application/json")
 
@@ -376,7 +377,7 @@ def health_routes(ck: ClusterKit, render: Callable[[], bytes]) -> dict[str, Rout
             "status": "ready" if ok else "not ready",
             "node_id": ck.node_id,
             "healthy": healthy,
-            "partitions": assigned(),
+            "partitions": _assigned(ck.view, ck.node_id),
             "partitions_not_ready": unready,
         }
         return Answer(200 if ok else 503, _json(body), "application/json")

@@ -124,21 +124,28 @@ class PartitionSupervisor:
 
     def unready(self) -> int:
         """Partitions the map gives this node (committed or joining) whose
-        on_partition_assigned has not completed under the current session (scrape time:
-        O(partitions))."""
+        on_partition_assigned has not completed under the current session.
+
+        O(partitions held) when the reconciler has indexed the newest map (it does so as it
+        steps it); O(partitions) for a map it has not reached yet. The cached index is only
+        read here, never rebuilt: it belongs to the reconciler's loop."""
         view = self._views.value
-        if view.map is None:
+        record = view.map
+        if record is None:
             return 0
+        if record is self._index_map:
+            mine: Iterable[int] = self._mine
+        else:
+            me = self._ctx.node_id
+            mine = (
+                pt for pt in range(record.partitions) if role_of(record, pt, me) is not Role.NONE
+            )
         generation = self._ctx.generation()
-        me = self._ctx.node_id
-        count = 0
-        for pt in range(view.map.partitions):
-            if role_of(view.map, pt, me) is Role.NONE:
-                continue
-            state = self._states.get(pt)
-            if state is None or not state.synced(generation):
-                count += 1
-        return count
+        return sum(
+            1
+            for pt in mine
+            if (state := self._states.get(pt)) is None or not state.synced(generation)
+        )
 
     def open(self) -> None:
         """Start stepping partitions (and so running hooks): ``open_cluster`` calls this just
