@@ -15,7 +15,9 @@ import struct
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -125,28 +127,26 @@ async def test_a_thousand_partial_messages_before_the_handshake_cost_little() ->
             await server.wait()
 
 
+async def _echo(payload: object) -> object:
+    return payload
+
+
+async def _serve(nursery: trio.Nursery, **limits: Any) -> int:
+    """An in-process peer endpoint answering ``ping``; returns its port."""
+    port: int = await nursery.start(
+        partial(serve_peers, "victim", SECRET, {"ping": _echo}, "127.0.0.1", 0, **limits)
+    )
+    return port
+
+
 async def test_silent_connections_at_the_bound_make_room_for_a_real_peer() -> None:
     """At ``max_pending`` unauthenticated connections, each new one closes the oldest: memory
     stays bounded and a peer whose handshake takes milliseconds still gets in."""
 
-    async def ping(payload: object) -> object:
-        return payload
-
     stats: dict[str, int] = {}
     held: list[trio.SocketStream] = []
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_peers(
-                "victim",
-                SECRET,
-                {"ping": ping},
-                "127.0.0.1",
-                0,
-                max_pending=4,
-                stats=stats,
-                task_status=task_status,
-            )
-        )
+        port = await _serve(nursery, max_pending=4, stats=stats)
         try:
             for _ in range(10):  # upgrade, then silence
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -172,23 +172,9 @@ async def test_a_peer_that_keeps_sending_while_we_close_cannot_take_the_server_d
     arrives on a connection it is already closing; that used to escape into the server's
     nursery and stop the node's peer endpoint. Now it ends that connection alone."""
 
-    async def ping(payload: object) -> object:
-        return payload
-
     stats: dict[str, int] = {}
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_peers(
-                "victim",
-                SECRET,
-                {"ping": ping},
-                "127.0.0.1",
-                0,
-                max_pending=1,
-                stats=stats,
-                task_status=task_status,
-            )
-        )
+        port = await _serve(nursery, max_pending=1, stats=stats)
         hostile = await trio.open_tcp_stream("127.0.0.1", port)
         try:
             with trio.fail_after(10):
