@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -293,8 +294,15 @@ class EtcdProcess:
                 self.process.send_signal(sig)
 
     def pause(self) -> None:
-        """SIGSTOP: the member stops answering but keeps its connections open."""
+        """SIGSTOP: the member stops answering but keeps its connections open.
+
+        Returns once every thread of the member is stopped (Linux; at most 1 s): the signal
+        alone is asynchronous, and a request sent right after it could still be answered by
+        a thread still running on another core.
+        """
         self.signal(signal.SIGSTOP)
+        if self.process is not None:
+            _wait_stopped(self.process.pid, deadline=time.monotonic() + 1.0)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
@@ -518,3 +526,18 @@ async def open_embedded_etcd(
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         m.process.wait(timeout=2.0)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_stopped(pid: int, *, deadline: float) -> None:
+    """Wait until every thread of ``pid`` is in state T (stopped), or ``deadline`` passes."""
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        try:
+            states = [
+                (t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()
+            ]
+        except (OSError, IndexError):
+            return  # no procfs, or the process is gone: nothing to wait for
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return
+        time.sleep(0.0005)
