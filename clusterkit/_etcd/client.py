@@ -174,7 +174,7 @@ class EtcdClient:
         self.config = config
         self.endpoints = Endpoints(config)
         self.bridge = AioBridge()
-        self.lease_bridge = AioBridge("etcd-lease")
+        self.lease_bridge = AioBridge("etcd-lease", poller=self.bridge)
         self._token: str | None = None
         self._stale_stream_token: str | None = None
         self._auth_lock = trio.Lock()
@@ -624,8 +624,9 @@ class EtcdClient:
         with trio.CancelScope(shield=True):
             await self._watches.aclose()
             await self._keepalives.aclose()
-            await self.bridge.aclose()
+            # The lease bridge first: the main bridge's loop reads its gRPC completions.
             await self.lease_bridge.aclose()
+            await self.bridge.aclose()
 
 
 @asynccontextmanager

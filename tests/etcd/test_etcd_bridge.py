@@ -169,3 +169,39 @@ async def test_lease_calls_run_on_the_lease_bridge(etcd: clusterkit.EmbeddedEtcd
         assert after["lease_bridge_wakeups"] > before["lease_bridge_wakeups"]
         names = {t.name for t in threading.enumerate()}
         assert {"clusterkit-etcd-aio", "clusterkit-etcd-lease-aio"} <= names
+
+
+def _watches_grpc_completions(bridge: AioBridge) -> bool:
+    selector = bridge._loop._selector  # type: ignore[union-attr]
+    for key in selector.get_map().values():
+        callback = getattr(getattr(key.data[0], "_callback", None), "func", None)
+        if getattr(callback, "__name__", "") == "_handle_events":
+            return True
+    return False
+
+
+async def test_only_the_main_bridge_is_woken_by_grpc_completions(
+    etcd: clusterkit.EmbeddedEtcd,
+) -> None:
+    # gRPC's poller wakes every loop that watches its socket for every completion; the lease
+    # bridge leaves that to the main one, and its calls and streams still complete.
+    async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+        lease = await client.lease_grant(10)
+        await client.put("bridge/poller", "v", lease=lease.id)
+        await client.lease_keepalive(lease.id)
+        assert _watches_grpc_completions(client.bridge)
+        assert not _watches_grpc_completions(client.lease_bridge)
+        before = client.statistics()["lease_bridge_wakeups"]
+        for _ in range(50):
+            await client.get("bridge/poller")
+        assert client.statistics()["lease_bridge_wakeups"] == before  # main traffic: not woken
+        with trio.fail_after(5):
+            async with client.watch("bridge/poller") as watch:
+                await client.lease_revoke(lease.id)
+                async for batch in watch:
+                    if batch.events:
+                        seen = [(e.type.value, e.kv.key) for e in batch.events]
+                        assert seen == [("delete", b"bridge/poller")]
+                        break
+        started = trio.current_time()
+    assert trio.current_time() - started < 2.0  # closing (lease bridge first) does not stall
