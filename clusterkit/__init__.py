@@ -4,7 +4,7 @@ This module re-exports the public API and nothing else; everything else is priva
 The etcd client's value types live in :mod:`clusterkit.etcd`.
 """
 
-from ._client import RoutingClient, open_client
+from ._client import RoutingClient, open_client, rotate_cluster_secret
 from ._cluster import ClusterKit, open_cluster
 from ._config import ClientConfig, Config
 from ._core.records import Node
@@ -40,6 +40,7 @@ from ._errors import (
     RemoteError,
     ResourceExhausted,
     RevisionCompacted,
+    SecretRotationError,
     WatchOverflow,
 )
 from ._etcd.channel import EtcdConfig
@@ -111,12 +112,14 @@ __all__ = [
     "ResourceExhausted",
     "RevisionCompacted",
     "RoutingClient",
+    "SecretRotationError",
     "SourceRequest",
     "WatchOverflow",
     "open_client",
     "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",
+    "rotate_cluster_secret",
 ]
 
 for _name in __all__:

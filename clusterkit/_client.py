@@ -58,7 +58,7 @@ import trio
 from ._actors.cell import Latest, wait_first
 from ._actors.watcher import WatcherActor
 from ._boundary import reraise
-from ._config import ClientConfig
+from ._config import ClientConfig, Config
 from ._core.keys import KeyLayout
 from ._core.problems import ProblemLog
 from ._core.records import Node
@@ -73,7 +73,14 @@ from ._errors import (
     RemoteError,
 )
 from ._etcd.client import EtcdClient, open_etcd_client
-from ._peers.secret import configured_secret, shared_secret
+from ._peers.keyring import Keyring
+from ._peers.secret import (
+    DEFAULT_ROTATION_WINDOW,
+    SecretKeeper,
+    configured_secret,
+    rotate_secret,
+    shared_secret,
+)
 from ._peers.tls import client_context
 from ._peers.transport import PeerPool
 
@@ -125,7 +132,7 @@ class RoutingClient:
         etcd: EtcdClient,
         nursery: trio.Nursery,
         client_id: str,
-        secret: bytes | None,
+        secret: bytes | Keyring | None,
     ) -> None:
         self._config = config
         self._etcd = etcd
@@ -482,6 +489,11 @@ class RoutingClient:
             return value
         raise value
 
+    def _follow_rotations(self, keys: Keyring) -> None:
+        """Adopt rotations of the stored secret for the client's life (it never writes it)."""
+        follower = SecretKeeper(self._etcd, self._layout, keys, self._config.log, writes=False)
+        self._nursery.start_soon(follower.run)
+
     async def _peer_pool(self) -> PeerPool:
         """The connection pool, created once the cluster secret is known.
 
@@ -492,6 +504,7 @@ class RoutingClient:
             secret = self._secret
             if secret is None:
                 secret = await shared_secret(self._etcd, self._layout, create=False)
+                self._follow_rotations(secret)
             if self._pool is None:
                 self._secret = secret
                 self._pool = PeerPool(
@@ -589,15 +602,17 @@ async def open_client(config: ClientConfig) -> AsyncIterator[RoutingClient]:
     user_error: BaseException | None = None
     try:
         async with open_etcd_client(config.etcd_config()) as etcd, trio.open_nursery() as nursery:
-            secret: bytes | None = None
-            if config.cluster_secret is not None:
-                secret = configured_secret(config.cluster_secret)
+            secret: bytes | Keyring | None = None
+            if config.resolved_secret is not None:
+                secret = configured_secret(config.resolved_secret)
             else:
                 try:
                     secret = await shared_secret(etcd, KeyLayout(config.etcd_prefix), create=False)
                 except PeerAuthFailed:
                     secret = None  # no node yet: read it at the first request
             client = RoutingClient(config, etcd, nursery, client_id, secret)
+            if isinstance(secret, Keyring):
+                client._follow_rotations(secret)
             await client._start()
             try:
                 yield client
@@ -616,3 +631,31 @@ async def open_client(config: ClientConfig) -> AsyncIterator[RoutingClient]:
                 "clusterkit client %s: while closing: %r", client_id, leaf
             ),
         )
+
+
+async def rotate_cluster_secret(
+    config: ClientConfig | Config, *, window: float = DEFAULT_ROTATION_WINDOW
+) -> float:
+    """Replace the cluster secret stored in etcd with a new random one, without downtime.
+
+    Every running node and routing client adopts the new secret from its watch; the old one
+    stays accepted for ``window`` seconds (and is what nodes dial with during the first half),
+    then only the new one works and the old one is removed from etcd. Nodes must see the
+    rotation within half a window and their clocks agree to within half a window. The same as
+    ``clusterkit secret rotate``.
+
+    Args:
+        config: where the cluster is (``etcd_endpoints``, ``etcd_prefix``, TLS, user).
+        window: seconds both secrets are accepted (default 300).
+
+    Returns:
+        The wall-clock time (``time.time()``) at which the old secret stops being accepted.
+
+    Raises:
+        SecretRotationError: no secret is stored (the cluster uses ``cluster_secret``, or no
+            node has started), a rotation is still in progress, or the key changed meanwhile.
+        EtcdError: etcd could not be reached.
+    """
+    async with open_etcd_client(config.etcd_config()) as etcd:
+        keys = await rotate_secret(etcd, KeyLayout(config.etcd_prefix), window=window)
+    return keys.rotated_at + keys.window

@@ -44,6 +44,7 @@ from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import open_embedded_etcd
 from ._metrics import health_routes, render_for, serve_metrics
 from ._migration.service import Migration
+from ._peers.keyring import Keyring
 from ._peers.memory import MemoryNetwork
 from ._peers.secret import SecretKeeper, configured_secret, shared_secret
 from ._peers.service import Peers
@@ -444,8 +445,9 @@ async def _start_peers(
 ) -> Peers:
     """Serve this node's peer endpoint (bound before the node registers its address) and
     set up the outgoing connection pool."""
-    if config.cluster_secret is not None:
-        secret = configured_secret(config.cluster_secret)
+    secret: bytes | Keyring
+    if config.resolved_secret is not None:
+        secret = configured_secret(config.resolved_secret)
     else:
         # A missing secret while nodes are registered is restored by their keepers: wait for
         # that rather than split the cluster with a new one (secret.py).

@@ -27,6 +27,7 @@ MAP_REQUEST_LIMIT = 1_572_864 - 16_384
 less room for the rest of the map's Txn (up to 127 marker deletions)."""
 
 ENV_ETCD_ENDPOINTS = "CLUSTERKIT_ETCD_ENDPOINTS"
+ENV_CLUSTER_SECRET = "CLUSTERKIT_CLUSTER_SECRET"
 """Environment variable read when a config gives no ``etcd_endpoints``: comma-separated
 ``host:port`` of the etcd members (say, the endpoint another node's embedded etcd logged)."""
 
@@ -66,11 +67,38 @@ def _positive(name: str, value: object) -> None:
         raise ConfigError(name, "must be a positive number of seconds")
 
 
-def _check_secret(value: object) -> None:
+def _check_secret(value: object, field: str = "cluster_secret") -> None:
     if value is None:
         return
     if not isinstance(value, str | bytes) or len(value) < 16:
-        raise ConfigError("cluster_secret", "must be None or a str/bytes of at least 16")
+        raise ConfigError(field, "must be None or a str/bytes of at least 16")
+
+
+def _resolve_secret(config: Config | ClientConfig) -> None:
+    """``cluster_secret``, or else the contents of ``cluster_secret_file``, or else
+    ``$CLUSTERKIT_CLUSTER_SECRET`` (None: the secret stored in etcd)."""
+    _check_secret(config.cluster_secret)
+    path = config.cluster_secret_file
+    if path is not None:
+        if config.cluster_secret is not None:
+            raise ConfigError("cluster_secret_file", "give cluster_secret or this, not both")
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigError("cluster_secret_file", "must be a path, or None")
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(4096 + 1)
+        except OSError as exc:
+            raise ConfigError("cluster_secret_file", f"cannot read {path!s}: {exc}") from None
+        if len(data) > 4096:
+            raise ConfigError("cluster_secret_file", "must hold at most 4096 bytes")
+        secret: str | bytes | None = data.rstrip(b"\r\n")
+        _check_secret(secret, "cluster_secret_file")
+    elif config.cluster_secret is None and os.environ.get(ENV_CLUSTER_SECRET):
+        secret = os.environ[ENV_CLUSTER_SECRET]
+        _check_secret(secret, f"${ENV_CLUSTER_SECRET}")
+    else:
+        secret = config.cluster_secret
+    object.__setattr__(config, "resolved_secret", secret)
 
 
 def valid_host(host: str) -> bool:
@@ -280,8 +308,12 @@ class Config:
             advertise_addr). Default ``127.0.0.1`` (this machine only), on a free port.
         hook_concurrency: hooks of different partitions that may run at once. Default 16.
         cluster_secret: the secret peers (and routing clients) prove they know when they
-            connect. Default None: the first node stores a random one at ``P/secret`` and
-            everyone reads it from etcd (so etcd read access is peer access).
+            connect (at least 16 bytes). Default None: ``cluster_secret_file``, else
+            ``$CLUSTERKIT_CLUSTER_SECRET``, else the first node stores a random one at
+            ``P.secret`` (beside the prefix) and everyone reads it from etcd, so read access
+            to that key is peer access (``clusterkit secret rotate`` replaces it).
+        cluster_secret_file: a file holding the secret (a trailing newline is dropped),
+            read when the config is made. Default None.
         bind_addr: the address the peer endpoint listens on. Default: advertise_addr.
         peer_timeout: default deadline of a peer request, in seconds. Default 5.
         peer_tls_cert, peer_tls_key: PEM files: serve the peer endpoint over TLS (wss).
@@ -326,6 +358,10 @@ class Config:
     embedded_etcd_bind: str = "127.0.0.1"
     hook_concurrency: int = 16
     cluster_secret: str | bytes | None = field(default=None, repr=False)
+    cluster_secret_file: str | os.PathLike[str] | None = None
+    resolved_secret: str | bytes | None = field(default=None, init=False, repr=False, compare=False)
+    """The secret in use: ``cluster_secret``, the file's, the environment's, or None (the
+    one stored in etcd). Set when the config is made."""
     bind_addr: str | None = None
     peer_timeout: float = 5.0
     peer_tls_cert: str | None = None
@@ -415,7 +451,7 @@ class Config:
         _positive("etcd_request_timeout", self.etcd_request_timeout)
         if self.etcd_endpoints:
             self.etcd_config()  # validates endpoints, TLS and auth pairs
-        _check_secret(self.cluster_secret)
+        _resolve_secret(self)
         if self.bind_addr is not None and (
             not isinstance(self.bind_addr, str) or not valid_host(self.bind_addr)
         ):
@@ -467,7 +503,9 @@ class ClientConfig:
             before ``request`` re-reads it from etcd first. Default 30 s.
         dial_timeout: seconds to wait for etcd at start. Default 5.
         request_timeout: the whole budget of one ``request``, retries included. Default 5.
-        cluster_secret: the peers' shared secret; None reads it from ``P/secret``.
+        cluster_secret: the peers' shared secret. Default None: ``cluster_secret_file``,
+            else ``$CLUSTERKIT_CLUSTER_SECRET``, else the one the nodes store at ``P.secret``.
+        cluster_secret_file: a file holding the secret (a trailing newline is dropped).
         client_id: the id this client presents to nodes. Default ``client-<random>``.
         peer_tls_ca: PEM file: call nodes over TLS and verify their certificates.
         peer_max_message: largest answer accepted, in bytes; use the nodes' value. Default
@@ -483,6 +521,10 @@ class ClientConfig:
     dial_timeout: float = 5.0
     request_timeout: float = 5.0
     cluster_secret: str | bytes | None = field(default=None, repr=False)
+    cluster_secret_file: str | os.PathLike[str] | None = None
+    resolved_secret: str | bytes | None = field(default=None, init=False, repr=False, compare=False)
+    """The secret in use: ``cluster_secret``, the file's, the environment's, or None (the
+    one stored in etcd). Set when the config is made."""
     client_id: str | None = None
     peer_tls_ca: str | None = None
     peer_max_message: int = 16 * 1024 * 1024
@@ -504,7 +546,7 @@ class ClientConfig:
             raise ConfigError("cache_enabled", "must be True or False")
         for name in ("cache_ttl", "dial_timeout", "request_timeout"):
             _positive(name, getattr(self, name))
-        _check_secret(self.cluster_secret)
+        _resolve_secret(self)
         if self.client_id is not None and (
             not isinstance(self.client_id, str) or not 0 < len(self.client_id) <= 128
         ):

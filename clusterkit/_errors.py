@@ -87,6 +87,10 @@ class PeerAuthFailed(PeerError):
     """The peer did not prove it knows the cluster secret (or refused ours)."""
 
 
+class SecretRotationError(PeerError):
+    """A rotation of the stored cluster secret cannot be done now (the message says why)."""
+
+
 class RemoteError(PeerError):
     """The remote handler raised.
 

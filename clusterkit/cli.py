@@ -12,6 +12,8 @@ Usage (also ``python -m clusterkit``)::
     drain NODE [--reason R] [--timeout S]   ask NODE to hand everything off and leave
     undrain NODE          withdraw a drain request
     check                 verify the stored state; exit 1 with the findings
+    secret status         whether a secret is stored, and any rotation in progress
+    secret rotate [--window S]   replace the stored secret; the old one works S more seconds
 
 Every command reads the same etcd the nodes use: ``--endpoints`` (or
 ``$CLUSTERKIT_ETCD_ENDPOINTS``), ``--prefix`` (default ``/clusterkit``). ``--json`` prints
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +40,8 @@ from ._errors import ClusterKitError
 from ._etcd.channel import EtcdConfig
 from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.types import EventType
+from ._peers.keyring import Keyring
+from ._peers.secret import DEFAULT_ROTATION_WINDOW, rotate_secret
 
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
@@ -51,6 +56,7 @@ class Snapshot:
     revision: int
     garbage: list[str]
     state: ViewState
+    legacy_secret: str | None = None  # the key, when an earlier version's secret is still there
 
 
 async def read(etcd: EtcdClient, layout: KeyLayout) -> Snapshot:
@@ -58,7 +64,14 @@ async def read(etcd: EtcdClient, layout: KeyLayout) -> Snapshot:
     result = await etcd.get_prefix(layout.root)
     state = ViewState(layout)
     garbage = [p for kv in result.kvs if (p := state.apply_kv(kv)) is not None]
-    return Snapshot(state.snapshot(result.revision), result.revision, garbage, state)
+    legacy = any(kv.key == layout.legacy_secret for kv in result.kvs)
+    return Snapshot(
+        state.snapshot(result.revision),
+        result.revision,
+        garbage,
+        state,
+        layout.legacy_secret.decode() if legacy else None,
+    )
 
 
 # -- what each command reports (plain data, printed as a table or as JSON) -------------------
@@ -148,6 +161,12 @@ def check(snap: Snapshot) -> list[str]:
     """What is wrong with the stored state (empty: nothing)."""
     view = snap.view
     findings = [f"ignored key: {g}" for g in snap.garbage]
+    if snap.legacy_secret is not None:
+        findings.append(
+            f"{snap.legacy_secret}: the cluster secret where earlier versions kept it, readable "
+            "by anyone who may read the prefix; nodes now keep it beside the prefix: delete "
+            "this key once no node of an earlier version runs"
+        )
     if view.map is None:
         if view.nodes:
             findings.append("no readable partition map while nodes are registered")
@@ -356,9 +375,44 @@ async def run(args: argparse.Namespace) -> int:
                 return await _watch(etcd, layout, args)
             case "drain":
                 return await _drain(etcd, layout, args)
+            case "secret":
+                return await _secret(etcd, layout, args)
             case "undrain":
                 await etcd.delete(layout.drain(args.node))
                 _emit(args, {"node": args.node, "drain": False}, f"{args.node}: drain withdrawn")
+    return 0
+
+
+async def _secret(etcd: EtcdClient, layout: KeyLayout, args: argparse.Namespace) -> int:
+    """``secret status`` / ``secret rotate``: never prints a secret."""
+    if args.action == "rotate":
+        keys = await rotate_secret(etcd, layout, window=args.window)
+        until = keys.rotated_at + keys.window
+        report: dict[str, Any] = {"rotated": True, "old_accepted_until": until}
+        _emit(
+            args,
+            report,
+            f"rotated: nodes adopt the new secret now; the old one is accepted until "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))} ({keys.window:.0f} s)",
+        )
+        return 0
+    kv = await etcd.get(layout.secret)
+    if kv is None:
+        report = {"stored": False, "rotating": False}
+        text = "no secret stored (no node has started, or the nodes use cluster_secret)"
+    else:
+        try:
+            keys = Keyring.decode(kv.value)
+        except ValueError as exc:
+            _emit(args, {"stored": True, "valid": False}, f"the stored secret is unusable: {exc}")
+            return EXIT_FINDINGS
+        report = {"stored": True, "rotating": keys.rotating(), "ends_in": keys.ends_in()}
+        text = (
+            f"stored; rotation in progress, the old secret is accepted {keys.ends_in():.0f} s more"
+            if keys.rotating()
+            else "stored; no rotation in progress"
+        )
+    _emit(args, report, text)
     return 0
 
 
@@ -399,7 +453,15 @@ def parser() -> argparse.ArgumentParser:
     undrain = sub.add_parser("undrain", help="withdraw a drain request")
     undrain.add_argument("node")
     sub.add_parser("check", help="verify the stored state (exit 1 with findings)")
-    for name in ("status", "nodes", "partitions", "leaders", "watch", "drain", "undrain", "check"):
+    secret = sub.add_parser("secret", help="the stored cluster secret: status, rotate")
+    secret.add_argument("action", choices=["status", "rotate"])
+    secret.add_argument(
+        "--window",
+        type=float,
+        default=DEFAULT_ROTATION_WINDOW,
+        help="seconds the old secret stays accepted (rotate; default 300)",
+    )
+    for name in sub.choices:
         sub.choices[name].add_argument(
             "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )

@@ -154,3 +154,32 @@ def test_the_command_says_what_is_missing() -> None:
         check=False,
     )
     assert done.returncode == 2 and b"--endpoints" in done.stderr
+
+
+async def test_secret_status_and_rotate_never_print_the_secret(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, client: clusterkit.EtcdClient
+) -> None:
+    assert await cli_json(etcd, prefix, "secret", "status") == {"stored": False, "rotating": False}
+    code, _, err = await cli(etcd, prefix, "secret", "rotate")
+    assert code == 2 and "SecretRotationError" in err and "no secret stored" in err
+    key = KeyLayout(prefix).secret
+    secret = b"s" * 64
+    await client.put(key, secret)
+    status = await cli_json(etcd, prefix, "secret", "status")
+    assert status == {"stored": True, "rotating": False, "ends_in": 0.0}
+    code, out, err = await cli(etcd, prefix, "secret", "rotate", "--window", "120")
+    assert code == 0 and "accepted until" in out, err
+    stored = await client.get(key)
+    assert stored is not None and secret.decode() in stored.value.decode()  # kept as previous
+    status = await cli_json(etcd, prefix, "secret", "status")
+    assert status["rotating"] and 100 < status["ends_in"] <= 120
+    code, out, err = await cli(etcd, prefix, "secret", "rotate")
+    assert code == 2 and "in progress" in err
+    for text in (out, err):
+        assert "sss" not in text
+    await client.put(key, b"{broken")
+    code, out, _ = await cli(etcd, prefix, "secret", "status")
+    assert code == 1 and "unusable" in out
+    await client.put(KeyLayout(prefix).legacy_secret, b"b" * 64)  # an earlier version's key
+    code, out, _ = await cli(etcd, prefix, "check")
+    assert code == 1 and "earlier versions" in out and "bbbb" not in out

@@ -174,3 +174,36 @@ def test_endpoints_come_from_the_environment_when_the_config_has_none(
     assert clusterkit.Config(node_id="n").etcd_endpoints == ()  # embedded etcd
     with pytest.raises(clusterkit.ConfigError, match="CLUSTERKIT_ETCD_ENDPOINTS"):
         clusterkit.ClientConfig()
+
+
+def test_the_secret_comes_from_the_config_a_file_or_the_environment(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    path = tmp_path / "secret"
+    path.write_bytes(b"from-a-file-0123456789\n")
+    cfg = clusterkit.Config(node_id="n1", cluster_secret_file=str(path))
+    assert cfg.resolved_secret == b"from-a-file-0123456789"  # the trailing newline dropped
+    assert "0123456789" not in repr(cfg)
+    assert dataclasses.replace(cfg, node_id="n2").resolved_secret == cfg.resolved_secret
+    client = clusterkit.ClientConfig(etcd_endpoints=["127.0.0.1:2379"], cluster_secret_file=path)
+    assert client.resolved_secret == b"from-a-file-0123456789"
+
+    monkeypatch.setenv("CLUSTERKIT_CLUSTER_SECRET", "from-the-environment-0123")
+    assert clusterkit.Config(node_id="n1").resolved_secret == "from-the-environment-0123"
+    explicit = clusterkit.Config(node_id="n1", cluster_secret="explicit-secret-0123456")
+    assert explicit.resolved_secret == "explicit-secret-0123456"  # the config wins
+    monkeypatch.setenv("CLUSTERKIT_CLUSTER_SECRET", "short")
+    with pytest.raises(clusterkit.ConfigError, match="CLUSTERKIT_CLUSTER_SECRET"):
+        clusterkit.Config(node_id="n1")
+    monkeypatch.delenv("CLUSTERKIT_CLUSTER_SECRET")
+    assert clusterkit.Config(node_id="n1").resolved_secret is None  # the one stored in etcd
+
+    with pytest.raises(clusterkit.ConfigError, match="cluster_secret_file.*not both"):
+        clusterkit.Config(node_id="n1", cluster_secret="x" * 16, cluster_secret_file=str(path))
+    with pytest.raises(clusterkit.ConfigError, match="cluster_secret_file.*cannot read"):
+        clusterkit.Config(node_id="n1", cluster_secret_file=str(tmp_path / "missing"))
+    path.write_bytes(b"tiny\n")
+    with pytest.raises(clusterkit.ConfigError, match="cluster_secret_file"):
+        clusterkit.Config(node_id="n1", cluster_secret_file=str(path))

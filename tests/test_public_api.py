@@ -57,12 +57,14 @@ TOP_LEVEL = {
     "ResourceExhausted",
     "RevisionCompacted",
     "RoutingClient",
+    "SecretRotationError",
     "SourceRequest",
     "WatchOverflow",
     "open_client",
     "open_cluster",
     "open_embedded_etcd",
     "open_etcd_client",
+    "rotate_cluster_secret",
 }
 
 ETCD_MODULE = {

@@ -4,11 +4,15 @@ the next node generate a new one, which no running node accepted)."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import trio
-from cluster_helpers import node_config, start_node
+from cluster_helpers import RunningNode, node_config, start_node
 
 import clusterkit
 from clusterkit._core.keys import KeyLayout
+from clusterkit._peers.keyring import Keyring
 from clusterkit._peers.secret import shared_secret
 
 
@@ -37,6 +41,11 @@ async def test_a_deleted_or_overwritten_secret_is_restored_and_a_new_node_gets_i
         await _wait_for_value(client, key, original)
         await client.put(key, b"0" * 64)  # etcdctl put P/secret <something else>
         await _wait_for_value(client, key, original)
+        # A "rotation" from a secret the cluster does not hold is not one: put back too.
+        forged = Keyring(b"forged-secret-0123456789", b"not-the-cluster-secret-012345")
+        forged.rotated_at, forged.window = time.time(), 600.0
+        await client.put(key, forged.encode())
+        await _wait_for_value(client, key, original)
 
         async def echo(payload: object) -> object:
             return payload
@@ -61,12 +70,12 @@ async def test_a_joining_node_waits_for_the_secret_while_others_are_registered(
 
         async def restore_later() -> None:
             await trio.sleep(0.3)
-            await client.put(layout.secret, b"kept-by-n1")
+            await client.put(layout.secret, b"kept-by-n1-0123456789")
 
         nursery.start_soon(restore_later)
         with trio.fail_after(5):
             got = await shared_secret(client, layout, create=True, wait_for_restore=3.0)
-    assert got == b"kept-by-n1"  # not a fresh secret nobody else knows
+    assert got.current == b"kept-by-n1-0123456789"  # not a fresh secret nobody else knows
 
 
 async def test_a_first_node_creates_the_secret_without_waiting(
@@ -75,4 +84,103 @@ async def test_a_first_node_creates_the_secret_without_waiting(
     layout = KeyLayout(prefix)
     with trio.fail_after(1):
         made = await shared_secret(client, layout, create=True, wait_for_restore=30.0)
-    assert await _secret(client, layout.secret) == made
+    assert await _secret(client, layout.secret) == made.current
+
+
+async def test_a_rotation_keeps_every_handshake_working_and_ends_with_only_the_new_secret(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, client: clusterkit.EtcdClient
+) -> None:
+    key = KeyLayout(prefix).secret
+    window = 3.0
+
+    async def echo(payload: object) -> object:
+        return payload
+
+    async def start(nursery: trio.Nursery, node_id: str) -> RunningNode:
+        node = await start_node(nursery, node_config(node_id, etcd.endpoints, prefix))
+        node.ck.peers.add_handler("test.echo", echo)
+        return node
+
+    async with trio.open_nursery() as nursery:
+        n1 = await start(nursery, "n1")
+        n2 = await start(nursery, "n2")
+        old = await _secret(client, key)
+        assert old is not None
+        client_config = clusterkit.ClientConfig(
+            etcd_endpoints=list(etcd.endpoints), etcd_prefix=prefix.rstrip("/")
+        )
+        async with clusterkit.open_client(client_config) as routing:
+            with trio.fail_after(5):
+                while len(routing.get_nodes()) < 2:
+                    await trio.sleep(0.02)
+            assert await routing.call("n1", "test.echo", 1) == 1
+
+            until = await clusterkit.rotate_cluster_secret(client_config, window=window)
+            stored = Keyring.decode(await _secret(client, key) or b"")
+            assert stored.previous == old and stored.current != old
+            with trio.fail_after(5):  # every holder adopts it from its watch
+                while n1.ck.peers._pool._secret != stored:
+                    await trio.sleep(0.02)
+            with pytest.raises(clusterkit.SecretRotationError):  # one rotation at a time
+                await clusterkit.rotate_cluster_secret(client_config, window=window)
+
+            # First half of the window: a newcomer dials with the old secret; everyone knows it.
+            n3 = await start(nursery, "n3")
+            for a, b in ((n3, n1), (n1, n3), (n2, n3)):
+                with trio.fail_after(10):
+                    assert await a.ck.peers.request(b.ck.node, "test.echo", 3) == 3
+
+            with trio.fail_after(window + 5):  # past the window, a keeper drops the old secret
+                while await _secret(client, key) != stored.current:
+                    await trio.sleep(0.05)
+            assert time.time() >= until
+
+            # After it: a newcomer dials with the new secret; the routing client (which read the
+            # secret before the rotation) reaches it, and the old secret gets nowhere.
+            n4 = await start(nursery, "n4")
+            with trio.fail_after(10):
+                while "n4" not in {n.id for n in routing.get_nodes()}:
+                    await trio.sleep(0.02)
+                assert await routing.call("n4", "test.echo", 4) == 4
+                assert await n4.ck.peers.request(n1.ck.node, "test.echo", 5) == 5
+            stale = clusterkit.ClientConfig(
+                etcd_endpoints=list(etcd.endpoints),
+                etcd_prefix=prefix.rstrip("/"),
+                cluster_secret=old,
+            )
+            async with clusterkit.open_client(stale) as outsider:
+                with trio.fail_after(5):
+                    while "n4" not in {n.id for n in outsider.get_nodes()}:
+                        await trio.sleep(0.02)
+                with pytest.raises(clusterkit.PeerAuthFailed):
+                    await outsider.call("n4", "test.echo", 6)
+        for node in (n4, n3, n2, n1):
+            await node.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_secret_an_earlier_version_kept_inside_the_prefix_is_carried_over(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, client: clusterkit.EtcdClient
+) -> None:
+    layout = KeyLayout(prefix)
+    assert not layout.secret.startswith(layout.root)  # beside the prefix, not under it
+    legacy = b"a" * 64  # what a node of an earlier version stored at P/secret
+    await client.put(layout.legacy_secret, legacy)
+    client_config = clusterkit.ClientConfig(
+        etcd_endpoints=list(etcd.endpoints), etcd_prefix=prefix.rstrip("/")
+    )
+    async with clusterkit.open_client(client_config) as early:  # before any new node: reads it
+        async with trio.open_nursery() as nursery:
+            n1 = await start_node(nursery, node_config("n1", etcd.endpoints, prefix))
+            assert await _secret(client, layout.secret) == legacy  # copied, not regenerated
+
+            async def echo(payload: object) -> object:
+                return payload
+
+            n1.ck.peers.add_handler("test.echo", echo)
+            with trio.fail_after(10):
+                while not early.get_nodes():
+                    await trio.sleep(0.02)
+                assert await early.call("n1", "test.echo", 1) == 1
+            await n1.stop()
+            nursery.cancel_scope.cancel()

@@ -7,12 +7,17 @@
 | ``P/map``                  | partition map (JSON)    | none               |
 | ``P/ready/<pt>/<node_id>`` | ``"1"``                 | node session       |
 | ``P/leaders/<pt>``         | node id                 | leader's session   |
-| ``P/secret``               | peer secret (hex)       | none               |
+| ``P.secret`` (beside P)    | peer secret (keyring)   | none               |
+| ``P/secret``               | the same, earlier versions | none            |
 | ``P/cluster``              | cluster identity (JSON) | none               |
 | ``P/drain/<node_id>``      | why (text), by an operator | none            |
 
-``P/secret`` is created by the first node when the config gives no ``cluster_secret``: the
-peers' shared secret is then as safe as read access to the prefix. ``P/cluster`` is created
+``P.secret`` is created by the first node when the config gives no ``cluster_secret``. It is
+*beside* the prefix, not under it (``.`` sorts before ``/``), so an etcd role can grant read
+access to ``P/`` (monitoring, ``clusterkit status``) without the secret: read access to
+``P.secret`` is what lets a process join the peer network. Earlier versions kept it at
+``P/secret``; a node copies it from there when ``P.secret`` does not exist yet, and
+``clusterkit check`` reports the old key until an operator deletes it. ``P/cluster`` is created
 once, by the first node that joins: P, R, the hash function and the map format every later
 node must share (checked before a node registers). ``P/drain/<node_id>`` is written by an
 operator (``clusterkit drain``): the node leaves with ``drain=True`` when it sees it, and while
@@ -60,7 +65,8 @@ class KeyLayout:
         self.map = self.root + b"map"
         self.ready_prefix = self.root + b"ready/"
         self.leaders_prefix = self.root + b"leaders/"
-        self.secret = self.root + b"secret"
+        self.secret = (self.prefix + ".secret").encode()
+        self.legacy_secret = self.root + b"secret"
         self.cluster = self.root + b"cluster"
         self.drain_prefix = self.root + b"drain/"
 

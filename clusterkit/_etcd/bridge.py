@@ -29,8 +29,8 @@ channel watches; the lease bridge stops watching it once the main bridge's loop 
 (:func:`_stop_polling`), and the main loop hands it its completions. Otherwise every
 completion woke both loop threads, and half of the main bridge's completions took an extra hop
 through the lease loop (measured: a lone call's latency about 5% lower; the CPU of 100
-concurrent puts changed less than this machine's noise). The client closes the lease bridge first, while the main loop still
-reads.
+concurrent puts changed less than this machine's noise). The client closes the lease bridge
+first, while the main loop still reads.
 
 Unary calls (:meth:`AioBridge.unary`): the Trio task parks in ``wait_task_rescheduled``; the
 loop starts the call on our generated stub and a done-callback posts its outcome (no asyncio

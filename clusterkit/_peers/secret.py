@@ -17,24 +17,44 @@ missing but other nodes are registered waits (bounded) for a running node to res
 instead of generating a new one; only when nobody does within the wait — every registered
 node is gone — does it create a fresh secret.
 
-Rotating the secret of a running cluster is not supported yet: stop every node, delete
-``P/secret``, start them again (or configure ``cluster_secret`` explicitly everywhere).
+A change is adopted only when it is a rotation of the secret this node holds: a keyring
+(keyring.py) whose ``previous`` is this node's current secret (or whose ``current`` it already
+is). :func:`rotate_secret` writes one (``clusterkit secret rotate``); every keeper adopts it
+from its watch, and once the window has passed the first keeper to notice rewrites the key
+without the old secret. Anything else written there is put back, as above.
+
+A configured ``cluster_secret`` is never stored in etcd; rotating it is the operator's (a
+rolling restart with the new value; there is no window).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import time
 
 import trio
 
 from .._core.keys import KeyLayout
-from .._errors import EtcdError, PeerAuthFailed
+from .._errors import EtcdError, PeerAuthFailed, SecretRotationError
 from .._etcd.client import EtcdClient
 from .._etcd.types import Compare, EventType, KeyValue, Op, RangeResult
+from .keyring import Keyring
 
 RETRY = 1.0  # seconds between attempts while etcd is unreachable
 JOIN_WAIT_POLL = 0.1
+DEFAULT_ROTATION_WINDOW = 300.0
+
+
+def _stored(kv: KeyValue | None) -> Keyring | None:
+    """The keyring ``kv`` holds, or None when it is missing or not a keyring."""
+    if kv is None or not kv.value:
+        return None
+    try:
+        return Keyring.decode(kv.value)
+    except ValueError:
+        return None
 
 
 def configured_secret(value: str | bytes) -> bytes:
@@ -44,63 +64,154 @@ def configured_secret(value: str | bytes) -> bytes:
 
 async def shared_secret(
     etcd: EtcdClient, layout: KeyLayout, *, create: bool, wait_for_restore: float = 0.0
-) -> bytes:
-    """The secret stored at ``P/secret``, created first if ``create`` and missing.
+) -> Keyring:
+    """The keyring stored at ``P/secret``, created first if ``create`` and missing.
 
-    With ``create`` and ``wait_for_restore`` > 0, a missing secret is not created at once while
-    other nodes are registered: they hold the secret and their keepers restore it, so this
-    waits up to ``wait_for_restore`` seconds for it to reappear first.
+    With ``create`` and ``wait_for_restore`` > 0, a missing (or unreadable) secret is not
+    replaced at once while other nodes are registered: they hold the secret and their keepers
+    restore it, so this waits up to ``wait_for_restore`` seconds for it to reappear first.
 
     Raises:
         PeerAuthFailed: there is none and ``create`` is false (no node has started yet).
     """
-    if create:
-        kv = await etcd.get(layout.secret)
-        if kv is None and wait_for_restore > 0:
-            others = await etcd.range(layout.nodes_prefix, prefix=True, count_only=True)
-            if others.count > 0:
-                with trio.move_on_after(wait_for_restore):
-                    while kv is None:
-                        await trio.sleep(JOIN_WAIT_POLL)
-                        kv = await etcd.get(layout.secret)
-        if kv is not None and kv.value:
-            return kv.value
-        fresh = secrets.token_hex(32).encode()
-        result = await etcd.txn(
-            [Compare.create_revision(layout.secret, "=", 0)],
-            [Op.put(layout.secret, fresh)],
-            [Op.get(layout.secret)],
-        )
-        if result.succeeded:
-            return fresh
-        found = result.responses[0]
-        assert isinstance(found, RangeResult)
-        kv = found.kvs[0] if found.kvs else None
-    else:
-        kv = await etcd.get(layout.secret)
-    if kv is None or not kv.value:
+    kv = await etcd.get(layout.secret)
+    if kv is None:
+        kv = await _from_legacy_key(etcd, layout, copy=create)
+    keys = _stored(kv)
+    if create and keys is None and wait_for_restore > 0:
+        others = await etcd.range(layout.nodes_prefix, prefix=True, count_only=True)
+        if others.count > 0:
+            with trio.move_on_after(wait_for_restore):
+                while keys is None:
+                    await trio.sleep(JOIN_WAIT_POLL)
+                    kv = await etcd.get(layout.secret)
+                    keys = _stored(kv)
+    if keys is not None:
+        return keys
+    if not create:
         raise PeerAuthFailed(
             f"no cluster secret at {layout.secret.decode()}: no node has started (or set "
             "cluster_secret in the config)"
         )
-    return kv.value
+    fresh = Keyring(secrets.token_hex(32).encode())
+    # Create it, or replace what is there if it is still the unreadable value we saw.
+    guard = (
+        Compare.create_revision(layout.secret, "=", 0)
+        if kv is None
+        else Compare.mod_revision(layout.secret, "=", kv.mod_revision)
+    )
+    result = await etcd.txn(
+        [guard], [Op.put(layout.secret, fresh.encode())], [Op.get(layout.secret)]
+    )
+    if result.succeeded:
+        return fresh
+    found = result.responses[0]
+    assert isinstance(found, RangeResult)
+    keys = _stored(found.kvs[0] if found.kvs else None)
+    if keys is None:
+        raise PeerAuthFailed(f"the cluster secret at {layout.secret.decode()} is not readable")
+    return keys
+
+
+async def _from_legacy_key(etcd: EtcdClient, layout: KeyLayout, *, copy: bool) -> KeyValue | None:
+    """The secret an earlier version stored under the prefix (``P/secret``), copied to
+    ``P.secret`` first if ``copy`` (a node; routing clients only read)."""
+    legacy = await etcd.get(layout.legacy_secret)
+    if legacy is None or _stored(legacy) is None:
+        return None
+    if not copy:
+        return legacy
+    result = await etcd.txn(
+        [Compare.create_revision(layout.secret, "=", 0)],
+        [Op.put(layout.secret, legacy.value)],
+        [Op.get(layout.secret)],
+    )
+    if result.succeeded:
+        return await etcd.get(layout.secret)
+    found = result.responses[0]
+    assert isinstance(found, RangeResult)
+    return found.kvs[0] if found.kvs else None
+
+
+async def rotate_secret(
+    etcd: EtcdClient, layout: KeyLayout, *, window: float = DEFAULT_ROTATION_WINDOW
+) -> Keyring:
+    """Replace the stored secret with a new one; the old one stays accepted for ``window`` s.
+
+    Returns:
+        The keyring written.
+
+    Raises:
+        SecretRotationError: no secret is stored (no node has started, or the cluster uses a
+            configured ``cluster_secret``), a previous rotation's window is still open, the
+            stored value is not a keyring, or another writer changed it meanwhile.
+        ValueError: ``window`` is not positive.
+    """
+    if not window > 0:
+        raise ValueError("window must be > 0 seconds")
+    kv = await etcd.get(layout.secret)
+    if kv is None:
+        raise SecretRotationError(
+            f"no secret stored at {layout.secret.decode()}: no node has started, or the "
+            "cluster is configured with cluster_secret (rotate that with a rolling restart)"
+        )
+    keys = _stored(kv)
+    if keys is None:
+        raise SecretRotationError(
+            f"the value at {layout.secret.decode()} is not a cluster secret; running nodes "
+            "restore theirs within a moment: try again"
+        )
+    if keys.rotating():
+        raise SecretRotationError(
+            f"a rotation is in progress for another {keys.ends_in():.0f} s; rotate again after it"
+        )
+    new = Keyring(
+        secrets.token_hex(32).encode(), keys.current, rotated_at=time.time(), window=window
+    )
+    result = await etcd.txn(
+        [Compare.mod_revision(layout.secret, "=", kv.mod_revision)],
+        [Op.put(layout.secret, new.encode())],
+    )
+    if not result.succeeded:
+        raise SecretRotationError("the stored secret changed during the rotation; try again")
+    return new
+
+
+def _follows(stored: Keyring, keys: Keyring) -> bool:
+    """Whether ``stored`` is a rotation of ``keys`` (or the same rotation, or it settled)."""
+    if stored.previous is not None and stored.previous == keys.current:
+        return True  # rotated from the secret this node holds
+    return stored.current == keys.current and stored.previous in (None, keys.previous)
 
 
 class SecretKeeper:
-    """Actor: keeps ``P/secret`` holding the secret this node authenticates with.
+    """Actor: keeps ``P/secret`` holding the keyring this node authenticates with.
+
+    It adopts rotations of that keyring (keyring.py), drops the previous secret from the key
+    once a rotation's window has passed, and puts back anything else. With ``writes=False``
+    (routing clients) it only follows rotations.
 
     Attributes:
         restored: how many times this keeper put the secret back (deleted or overwritten).
+        rotations: how many rotations this keeper adopted.
     """
 
     def __init__(
-        self, etcd: EtcdClient, layout: KeyLayout, secret: bytes, log: logging.Logger
+        self,
+        etcd: EtcdClient,
+        layout: KeyLayout,
+        keys: Keyring,
+        log: logging.Logger,
+        *,
+        writes: bool = True,
     ) -> None:
+        self._writes = writes  # False: follow rotations only (a routing client)
         self._etcd = etcd
         self._layout = layout
-        self._secret = secret
+        self._keys = keys
         self._log = log
         self.restored = 0
+        self.rotations = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch the key for the node's life (never raises for etcd trouble: retries)."""
@@ -118,28 +229,63 @@ class SecretKeeper:
         async with self._etcd.watch(
             self._layout.secret, start_revision=result.revision + 1
         ) as watch:
-            async for batch in watch:
-                for event in batch.events:
-                    await self._ensure(event.kv if event.type is EventType.PUT else None)
+            while True:
+                # While a rotation's window is open, wake when it closes to drop the old secret.
+                with trio.move_on_after(
+                    self._keys.ends_in() + 0.5 if self._keys.previous else math.inf
+                ):
+                    try:
+                        batch = await watch.__anext__()
+                    except StopAsyncIteration:
+                        return  # the watch ended: read the key again
+                    for event in batch.events:
+                        await self._ensure(event.kv if event.type is EventType.PUT else None)
+                    continue
+                return  # the window closed: read the key again (and settle it)
 
     async def _ensure(self, kv: KeyValue | None) -> None:
         key = self._layout.secret
+        keys = self._keys
+        stored = _stored(kv)
+        if stored is not None and stored != keys and _follows(stored, keys):
+            keys.adopt(stored)
+            self.rotations += 1
+            if keys.previous is not None:
+                self._log.info(
+                    "clusterkit: the cluster secret was rotated; the previous one is accepted "
+                    "for another %.0f s",
+                    keys.ends_in(),
+                )
+        if stored is not None and stored == keys:
+            if keys.previous is None or keys.rotating():
+                return
+            settled = keys.settled()  # the window has passed: forget the old secret
+            if not self._writes:
+                keys.adopt(settled)
+                return
+            result = await self._etcd.txn(
+                [Compare.mod_revision(key, "=", kv.mod_revision)],  # type: ignore[union-attr]
+                [Op.put(key, settled.encode())],
+            )
+            keys.adopt(settled)
+            if result.succeeded:
+                self._log.info("clusterkit: the previous cluster secret is no longer accepted")
+            return
+        if not self._writes:
+            return  # the nodes' keepers put it back
         if kv is None:
             guard = Compare.create_revision(key, "=", 0)
             what = "was deleted"
-        elif kv.value != self._secret:
-            guard = Compare.mod_revision(key, "=", kv.mod_revision)
-            what = "was overwritten with a value the cluster does not use"
         else:
-            return
-        result = await self._etcd.txn([guard], [Op.put(key, self._secret)])
+            guard = Compare.mod_revision(key, "=", kv.mod_revision)
+            what = "was overwritten with a value that is not a rotation of the cluster's secret"
+        result = await self._etcd.txn([guard], [Op.put(key, keys.encode())])
         if result.succeeded:
             self.restored += 1
             log = self._log.warning if kv is None else self._log.error
             log(
                 "clusterkit: the cluster secret at %s %s; restored the secret the running "
-                "nodes authenticate with (rotation is not supported: see clusterkit/_peers/"
-                "secret.py)",
+                "nodes authenticate with (rotate it with 'clusterkit secret rotate')",
                 key.decode(),
                 what,
             )

@@ -30,6 +30,7 @@ from .._boundary import single_errors
 from .._errors import PeerAuthFailed, PeerError, PeerUnreachable, RemoteError
 from . import frames as f
 from .handshake import client_mac, new_nonce, server_mac, verify
+from .keyring import Keyring, as_keyring
 from .memory import MemoryNetwork, MemoryWebSocket
 from .session import (
     CLOSE_TIMEOUT,
@@ -94,7 +95,7 @@ async def _receive_frame(ws: WebSocket, max_frame: int, expected: type[f.Frame])
 
 
 async def server_handshake(
-    ws: WebSocket, local_id: str, secret: bytes, max_frame: int
+    ws: WebSocket, local_id: str, secret: bytes | Keyring, max_frame: int
 ) -> str | None:
     """Authenticate a connecting peer; returns its node id, or None (connection closed)."""
     nonce = new_nonce()
@@ -102,10 +103,18 @@ async def server_handshake(
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await ws.send_message(f.encode(f.Challenge(nonce)))
             answer: f.Answer = await _receive_frame(ws, max_frame, f.Answer)
-            if not verify(client_mac(secret, nonce, answer.nonce, answer.node_id), answer.mac):
+            matched = next(
+                (
+                    key
+                    for key in as_keyring(secret).accepted()
+                    if verify(client_mac(key, nonce, answer.nonce, answer.node_id), answer.mac)
+                ),
+                None,
+            )
+            if matched is None:
                 await _close_bounded(ws, 1008, "authentication failed")
                 return None
-            proof = server_mac(secret, answer.nonce, nonce, local_id)
+            proof = server_mac(matched, answer.nonce, nonce, local_id)
             await ws.send_message(f.encode(f.Proof(local_id, proof)))
             return answer.node_id
     except trio.TooSlowError:
@@ -124,7 +133,9 @@ async def _close_bounded(ws: WebSocket, code: int, reason: str) -> None:
         await ws.aclose(code=code, reason=reason)
 
 
-async def client_handshake(ws: WebSocket, local_id: str, secret: bytes, max_frame: int) -> str:
+async def client_handshake(
+    ws: WebSocket, local_id: str, secret: bytes | Keyring, max_frame: int
+) -> str:
     """Authenticate to a server; returns its node id.
 
     Raises:
@@ -135,7 +146,8 @@ async def client_handshake(ws: WebSocket, local_id: str, secret: bytes, max_fram
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             challenge: f.Challenge = await _receive_frame(ws, max_frame, f.Challenge)
-            mac = client_mac(secret, challenge.nonce, nonce, local_id)
+            keys = as_keyring(secret)
+            mac = client_mac(keys.dialing(), challenge.nonce, nonce, local_id)
             await ws.send_message(f.encode(f.Answer(local_id, nonce, mac)))
             proof: f.Proof = await _receive_frame(ws, max_frame, f.Proof)
     except trio_websocket.ConnectionClosed as exc:
@@ -146,7 +158,10 @@ async def client_handshake(ws: WebSocket, local_id: str, secret: bytes, max_fram
         raise PeerUnreachable(f"no handshake within {HANDSHAKE_TIMEOUT}s") from None
     except f.FrameError as exc:
         raise PeerAuthFailed(f"the peer does not speak our handshake: {exc}") from None
-    if not verify(server_mac(secret, nonce, challenge.nonce, proof.node_id), proof.mac):
+    if not any(
+        verify(server_mac(key, nonce, challenge.nonce, proof.node_id), proof.mac)
+        for key in keys.accepted()
+    ):
         await ws.aclose(code=1008, reason="server proof invalid")
         raise PeerAuthFailed("the server could not prove it knows the cluster secret")
     return proof.node_id
@@ -155,7 +170,7 @@ async def client_handshake(ws: WebSocket, local_id: str, secret: bytes, max_fram
 async def serve_connection(
     ws: WebSocket,
     local_id: str,
-    secret: bytes,
+    secret: bytes | Keyring,
     handlers: Mapping[str, Handler],
     stream_handlers: Mapping[str, StreamHandler] | None,
     *,
@@ -195,7 +210,7 @@ async def serve_authenticated(
 async def serve_memory_peers(
     network: MemoryNetwork,
     local_id: str,
-    secret: bytes,
+    secret: bytes | Keyring,
     handlers: Mapping[str, Handler],
     *,
     stream_handlers: Mapping[str, StreamHandler] | None = None,
@@ -212,7 +227,7 @@ async def serve_memory_peers(
 
 async def serve_peers(
     local_id: str,
-    secret: bytes,
+    secret: bytes | Keyring,
     handlers: Mapping[str, Handler],
     host: str,
     port: int,
@@ -325,7 +340,7 @@ class PeerPool:
         self,
         nursery: trio.Nursery,
         local_id: str,
-        secret: bytes,
+        secret: bytes | Keyring,
         handlers: Mapping[str, Handler] | None = None,
         stream_handlers: Mapping[str, StreamHandler] | None = None,
         *,

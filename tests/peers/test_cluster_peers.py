@@ -128,8 +128,9 @@ async def test_the_secret_is_shared_through_etcd(
             serve_basics(node, seen[node.ck.node_id])
         await wait_converged([a, b, odd])
 
-        stored = await client.get(f"{prefix.rstrip('/')}/secret")
+        stored = await client.get(f"{prefix.rstrip('/')}.secret")  # beside the prefix
         assert stored is not None and len(stored.value) == 64  # hex of 32 random bytes
+        assert await client.get(f"{prefix.rstrip('/')}/secret") is None  # not inside it
         with trio.fail_after(10):
             assert await a.ck.peers.request("b", "whoami", None) == ["b", None]
             # Anyone holding the stored secret is a peer; the configured odd one is not.
@@ -205,7 +206,7 @@ async def test_peers_over_tls(
                 await stream.end()
         # The endpoint really speaks TLS: a plain websocket client with the right secret
         # does not get through.
-        (secret,) = {a.ck.peers._pool._secret}
+        secret = a.ck.peers._pool._secret
         plain = PeerPool(nursery, "plain", secret)
         with trio.fail_after(10), pytest.raises(clusterkit.PeerUnreachable):
             await plain.request(a.ck.peers.address, "whoami", "plain", timeout=1)
