@@ -200,9 +200,9 @@ def test_the_secret_comes_from_the_config_a_file_or_the_environment(
     monkeypatch.delenv("CLUSTERKIT_CLUSTER_SECRET")
     assert clusterkit.Config(node_id="n1").resolved_secret is None  # the one stored in etcd
 
-    with pytest.raises(clusterkit.ConfigError, match="cluster_secret_file.*not both"):
+    with pytest.raises(clusterkit.ConfigError, match=r"cluster_secret_file.*not both"):
         clusterkit.Config(node_id="n1", cluster_secret="x" * 16, cluster_secret_file=str(path))
-    with pytest.raises(clusterkit.ConfigError, match="cluster_secret_file.*cannot read"):
+    with pytest.raises(clusterkit.ConfigError, match=r"cluster_secret_file.*cannot read"):
         clusterkit.Config(node_id="n1", cluster_secret_file=str(tmp_path / "missing"))
     path.write_bytes(b"tiny\n")
     with pytest.raises(clusterkit.ConfigError, match="cluster_secret_file"):
