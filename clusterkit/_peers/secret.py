@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-With no ``cluster_secret`` configured, the first node creates 32 random bytes at
-``P/secret`` (a Txn that only creates, so racing first nodes agree on one value) and every
-node and routing client reads it from there.
+With no secret configured (``cluster_secret``, its file, or the environment), the first node
+creates 64 random hex characters at ``P.secret`` -- beside the prefix, so read access to the
+prefix is not peer access (keys.py) -- with a Txn that only creates, so racing first nodes
+agree on one value, and every node and routing client reads it from there. A secret an
+earlier version stored at ``P/secret`` is copied over first.
 
 The stored secret is clusterkit's to keep: every running node holds it in memory and a
 :class:`SecretKeeper` watches the key. If it is deleted (an operator's ``etcdctl del``, a
@@ -65,7 +67,7 @@ def configured_secret(value: str | bytes) -> bytes:
 async def shared_secret(
     etcd: EtcdClient, layout: KeyLayout, *, create: bool, wait_for_restore: float = 0.0
 ) -> Keyring:
-    """The keyring stored at ``P/secret``, created first if ``create`` and missing.
+    """The keyring stored at ``P.secret``, created first if ``create`` and missing.
 
     With ``create`` and ``wait_for_restore`` > 0, a missing (or unreadable) secret is not
     replaced at once while other nodes are registered: they hold the secret and their keepers
@@ -185,7 +187,7 @@ def _follows(stored: Keyring, keys: Keyring) -> bool:
 
 
 class SecretKeeper:
-    """Actor: keeps ``P/secret`` holding the keyring this node authenticates with.
+    """Actor: keeps ``P.secret`` holding the keyring this node authenticates with.
 
     It adopts rotations of that keyring (keyring.py), drops the previous secret from the key
     once a rotation's window has passed, and puts back anything else. With ``writes=False``
