@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -75,6 +76,7 @@ from .._errors import EtcdUnavailable
 from .channel import Endpoint, Stubs
 
 _STOP_TIMEOUT = 10.0
+_log = logging.getLogger("clusterkit")
 
 
 class LocalCancellation(grpc.RpcError):  # type: ignore[misc]
@@ -148,6 +150,7 @@ class AioBridge:
         if self._loop is None:
             self._token = trio.lowlevel.current_trio_token()
             self._loop = asyncio.new_event_loop()
+            self._loop.set_exception_handler(_loop_exception)
             self._thread = threading.Thread(
                 target=self._run_loop, name=f"clusterkit-{self._name}-aio", daemon=True
             )
@@ -509,6 +512,26 @@ async def call_unary(
     future.add_done_callback(on_done)
     await trio.lowlevel.wait_task_rescheduled(abort)
     return future.result()
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's handler for errors nobody awaited, minus one of grpc.aio's at shutdown.
+
+    gRPC's poller hands each completion to the loop its call belongs to. A completion that
+    arrives after that loop was closed (a bridge that has shut down; its channels' last
+    events can trail it) raises ``RuntimeError('Event loop is closed')`` inside whichever loop
+    is reading, which asyncio would log as an ERROR with a traceback on every shutdown. The
+    completion belonged to a finished bridge: there is nothing to do with it.
+    """
+    exc = context.get("exception")
+    if (
+        isinstance(exc, RuntimeError)
+        and str(exc) == "Event loop is closed"
+        and "_handle_events" in repr(context.get("handle"))
+    ):
+        _log.debug("clusterkit: a gRPC completion for a closed bridge was dropped")
+        return
+    loop.default_exception_handler(context)
 
 
 def _stop_polling(loop: asyncio.AbstractEventLoop | None) -> bool:

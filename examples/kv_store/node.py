@@ -29,6 +29,7 @@ clusterkit decides who holds and who leads each partition; this module moves the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -271,7 +272,8 @@ def node_config(node: KVNode, args: argparse.Namespace) -> clusterkit.Config:
 
 
 def emit(event: dict[str, Any]) -> None:
-    print(json.dumps(event), flush=True)
+    with contextlib.suppress(BrokenPipeError):  # the parent is gone (we leave with it)
+        print(json.dumps(event), flush=True)
 
 
 async def until_stdin_closes(scope: trio.CancelScope) -> None:
