@@ -131,8 +131,12 @@ async def test_a_rotation_keeps_every_handshake_working_and_ends_with_only_the_n
                     assert await a.ck.peers.request(b.ck.node, "test.echo", 3) == 3
 
             with trio.fail_after(window + 5):  # past the window, a keeper drops the old secret
-                while await _secret(client, key) != stored.current:
+                while Keyring.decode(await _secret(client, key) or b"").previous is not None:
                     await trio.sleep(0.05)
+            settled = Keyring.decode(await _secret(client, key) or b"")
+            assert settled.current == stored.current and old not in (
+                await _secret(client, key) or b""
+            )
             assert time.time() >= until
 
             # After it: a newcomer dials with the new secret; the routing client (which read the
@@ -184,3 +188,44 @@ async def test_a_secret_an_earlier_version_kept_inside_the_prefix_is_carried_ove
                 assert await early.call("n1", "test.echo", 1) == 1
             await n1.stop()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_keeper_that_missed_a_whole_rotation_follows_it_and_keepers_never_fight(
+    prefix: str, client: clusterkit.EtcdClient
+) -> None:
+    import logging
+
+    from clusterkit._peers.secret import MAX_RESTORES, SecretKeeper
+
+    layout = KeyLayout(prefix)
+    log = logging.getLogger("clusterkit.test")
+    old, new = b"old-secret-0123456789abcdef", b"new-secret-0123456789abcdef"
+    settled = Keyring(new, old, rotated_at=1.0, window=1.0).settled()
+    await client.put(layout.secret, settled.encode())  # rotated and settled while we were away
+    behind = Keyring(old)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(SecretKeeper(client, layout, behind, log).run)
+        with trio.fail_after(5):
+            while behind.current != new:
+                await trio.sleep(0.02)
+        assert await _secret(client, layout.secret) == settled.encode()  # not put back
+        nursery.cancel_scope.cancel()
+
+    # Two keepers holding unrelated secrets (one of them from before two rotations): each
+    # restores its own a few times, then both stop writing.
+    await client.delete(layout.secret)
+    first = SecretKeeper(client, layout, Keyring(b"a" * 32), log)
+    second = SecretKeeper(client, layout, Keyring(b"b" * 32), log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await nursery.start(second.run)
+        with trio.fail_after(10):
+            while first.restored + second.restored < 2 * MAX_RESTORES - 1:
+                await trio.sleep(0.05)
+        before = await client.get(layout.secret)
+        await trio.sleep(1.0)  # (a fight would write again within milliseconds)
+        after = await client.get(layout.secret)
+        assert before is not None and after is not None
+        assert after.mod_revision == before.mod_revision
+        assert first.restored <= MAX_RESTORES and second.restored <= MAX_RESTORES
+        nursery.cancel_scope.cancel()

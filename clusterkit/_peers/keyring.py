@@ -16,7 +16,10 @@ secret works, and a node's keeper rewrites the stored keyring without the old on
 
 The stored form of a keyring without a previous secret is the secret's bytes alone, which is
 what clusterkit stored before rotations existed; one with a previous secret is a small JSON
-object. Anything else is not a keyring (:meth:`Keyring.decode` raises ``ValueError``).
+object; a settled rotation keeps, instead of the old secret, a hash of it (``rotated_from``),
+so that a node that missed the whole window (cut off from etcd) can still tell a rotation of
+its secret from an overwrite. Anything else is not a keyring (:meth:`Keyring.decode` raises
+``ValueError``).
 
 A :class:`Keyring` is mutable and shared: the peer endpoint, the connection pool and the
 keeper hold the same object, and :meth:`Keyring.adopt` changes what all of them use at once.
@@ -24,6 +27,7 @@ keeper hold the same object, and :meth:`Keyring.adopt` changes what all of them 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -31,10 +35,15 @@ from typing import Any
 MIN_SECRET = 16
 
 
+def fingerprint(secret: bytes) -> str:
+    """A hash of ``secret`` that names it without revealing it."""
+    return hashlib.sha256(b"clusterkit-rotated-from|" + secret).hexdigest()[:32]
+
+
 class Keyring:
     """The cluster secret, plus the previous one while a rotation's window is open."""
 
-    __slots__ = ("current", "previous", "rotated_at", "window")
+    __slots__ = ("current", "previous", "rotated_at", "rotated_from", "window")
 
     def __init__(
         self,
@@ -43,11 +52,13 @@ class Keyring:
         *,
         rotated_at: float = 0.0,
         window: float = 0.0,
+        rotated_from: str | None = None,
     ) -> None:
         self.current = current
         self.previous = previous
         self.rotated_at = rotated_at
         self.window = window
+        self.rotated_from = rotated_from  # fingerprint of the secret a settled rotation replaced
 
     def __repr__(self) -> str:  # never the secrets themselves
         state = f"rotating until {self.rotated_at + self.window:.0f}" if self.previous else "one"
@@ -60,8 +71,8 @@ class Keyring:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
-    def _fields(self) -> tuple[bytes, bytes | None, float, float]:
-        return (self.current, self.previous, self.rotated_at, self.window)
+    def _fields(self) -> tuple[bytes, bytes | None, float, float, str | None]:
+        return (self.current, self.previous, self.rotated_at, self.window, self.rotated_from)
 
     def rotating(self, now: float | None = None) -> bool:
         """True while the previous secret is still accepted."""
@@ -90,15 +101,31 @@ class Keyring:
         """Take ``other``'s secrets (everyone holding this object uses them from now on)."""
         self.current, self.previous = other.current, other.previous
         self.rotated_at, self.window = other.rotated_at, other.window
+        self.rotated_from = other.rotated_from
 
     def settled(self) -> Keyring:
-        """This keyring without the previous secret."""
-        return Keyring(self.current)
+        """This keyring without the previous secret (a fingerprint of it instead)."""
+        if self.previous is None:
+            return Keyring(self.current, rotated_from=self.rotated_from)
+        return Keyring(self.current, rotated_from=fingerprint(self.previous))
+
+    def follows(self, keys: Keyring) -> bool:
+        """Whether this (stored) keyring is ``keys`` rotated, the same rotation, or settled."""
+        if self.previous is not None and self.previous == keys.current:
+            return True  # rotated from the secret ``keys`` holds
+        if self.previous is None and self.rotated_from == fingerprint(keys.current):
+            return True  # a settled rotation of it (``keys`` missed the whole window)
+        return self.current == keys.current and self.previous in (None, keys.previous)
 
     def encode(self) -> bytes:
-        """The stored form: the secret alone, or JSON while a previous secret is kept."""
+        """The stored form: the secret alone, or JSON with the previous secret or its hash."""
         if self.previous is None:
-            return self.current
+            if self.rotated_from is None:
+                return self.current
+            return json.dumps(
+                {"current": self.current.decode("latin-1"), "rotated_from": self.rotated_from},
+                sort_keys=True,
+            ).encode()
         return json.dumps(
             {
                 "current": self.current.decode("latin-1"),
@@ -125,6 +152,13 @@ class Keyring:
             obj: Any = json.loads(value)
         except ValueError:
             raise ValueError("not a keyring: invalid JSON") from None
+        if isinstance(obj, dict) and set(obj) == {"current", "rotated_from"}:
+            current, rotated_from = obj["current"], obj["rotated_from"]
+            if not isinstance(current, str) or len(current) < MIN_SECRET:
+                raise ValueError(f"not a keyring: secrets are strings of at least {MIN_SECRET}")
+            if not isinstance(rotated_from, str) or len(rotated_from) != 32:
+                raise ValueError("not a keyring: rotated_from is a 32-character fingerprint")
+            return cls(current.encode("latin-1"), rotated_from=rotated_from)
         if not isinstance(obj, dict) or set(obj) != {"current", "previous", "rotated_at", "window"}:
             raise ValueError("not a keyring: expected current, previous, rotated_at, window")
         current, previous = obj["current"], obj["previous"]

@@ -25,6 +25,12 @@ is). :func:`rotate_secret` writes one (``clusterkit secret rotate``); every keep
 from its watch, and once the window has passed the first keeper to notice rewrites the key
 without the old secret. Anything else written there is put back, as above.
 
+A node that missed a whole rotation (cut off from etcd for the window) still follows it: the
+settled keyring names the secret it replaced by a fingerprint. A keeper restores the key at
+most ``MAX_RESTORES`` times a minute: two keepers holding unrelated secrets (a node from before
+two rotations) would otherwise rewrite it against each other for ever; after that it logs an
+error and leaves the key alone.
+
 A configured ``cluster_secret`` is never stored in etcd; rotating it is the operator's (a
 rolling restart with the new value; there is no window).
 """
@@ -35,6 +41,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 
 import trio
 
@@ -47,6 +54,8 @@ from .keyring import Keyring
 RETRY = 1.0  # seconds between attempts while etcd is unreachable
 JOIN_WAIT_POLL = 0.1
 DEFAULT_ROTATION_WINDOW = 300.0
+MAX_RESTORES = 5  # restores of the key per RESTORE_PERIOD before a keeper stops fighting
+RESTORE_PERIOD = 60.0
 
 
 def _stored(kv: KeyValue | None) -> Keyring | None:
@@ -179,13 +188,6 @@ async def rotate_secret(
     return new
 
 
-def _follows(stored: Keyring, keys: Keyring) -> bool:
-    """Whether ``stored`` is a rotation of ``keys`` (or the same rotation, or it settled)."""
-    if stored.previous is not None and stored.previous == keys.current:
-        return True  # rotated from the secret this node holds
-    return stored.current == keys.current and stored.previous in (None, keys.previous)
-
-
 class SecretKeeper:
     """Actor: keeps ``P.secret`` holding the keyring this node authenticates with.
 
@@ -214,6 +216,8 @@ class SecretKeeper:
         self._log = log
         self.restored = 0
         self.rotations = 0
+        self._restore_times: deque[float] = deque()
+        self._quiet_until = -math.inf
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch the key for the node's life (never raises for etcd trouble: retries)."""
@@ -249,7 +253,7 @@ class SecretKeeper:
         key = self._layout.secret
         keys = self._keys
         stored = _stored(kv)
-        if stored is not None and stored != keys and _follows(stored, keys):
+        if stored is not None and stored != keys and stored.follows(keys):
             keys.adopt(stored)
             self.rotations += 1
             if keys.previous is not None:
@@ -275,6 +279,23 @@ class SecretKeeper:
             return
         if not self._writes:
             return  # the nodes' keepers put it back
+        now = trio.current_time()
+        while self._restore_times and self._restore_times[0] < now - RESTORE_PERIOD:
+            self._restore_times.popleft()
+        if len(self._restore_times) >= MAX_RESTORES:
+            # Another writer keeps changing it back: a node holding a secret from before two
+            # rotations, or a tool. Fighting it would write etcd for ever; an operator must look.
+            if now >= self._quiet_until:
+                self._quiet_until = now + RESTORE_PERIOD
+                self._log.error(
+                    "clusterkit: the cluster secret at %s keeps being replaced by a value this "
+                    "node cannot follow (%d restores in %.0f s); not restoring it again for now",
+                    key.decode(),
+                    MAX_RESTORES,
+                    RESTORE_PERIOD,
+                )
+            return
+        self._restore_times.append(now)
         if kv is None:
             guard = Compare.create_revision(key, "=", 0)
             what = "was deleted"

@@ -29,7 +29,10 @@ def test_a_rotation_accepts_both_then_only_the_new_and_dials_old_then_new() -> N
     assert keys.accepted(now=1059.0) == (NEW, OLD)
     assert keys.accepted(now=1060.0) == (NEW,)
     assert keys.ends_in(now=1050.0) == 10.0
-    assert keys.settled() == Keyring(NEW)
+    settled = keys.settled()
+    assert settled.current == NEW and settled.previous is None
+    assert OLD not in settled.encode()  # only a fingerprint of the old secret is kept
+    assert Keyring.decode(settled.encode()) == settled
     assert "secret" not in repr(keys) and OLD.decode() not in repr(keys)
 
 
@@ -56,3 +59,14 @@ def test_adopt_changes_every_holder_of_the_object() -> None:
 def test_garbage_is_not_a_keyring(value: bytes) -> None:
     with pytest.raises(ValueError):
         Keyring.decode(value)
+
+
+def test_what_a_node_holding_the_old_secret_accepts_as_a_rotation() -> None:
+    mine = Keyring(OLD)
+    rotating = Keyring(NEW, OLD, rotated_at=1.0, window=60.0)
+    assert rotating.follows(mine)
+    assert rotating.settled().follows(mine)  # it missed the whole window: still a rotation
+    assert not Keyring(NEW).follows(mine)  # a plain overwrite is not
+    assert not Keyring(NEW, b"someone-elses-secret-000", rotated_at=1.0, window=60.0).follows(mine)
+    stranger = Keyring(b"unrelated-secret-0123456789").settled()
+    assert not Keyring(NEW, rotated_from=stranger.rotated_from).follows(mine)
