@@ -106,7 +106,7 @@ class _Trace:
 def _live(view: ClusterView, node_id: str | None) -> Node | None:
     """The registered node ``node_id`` with a peer endpoint, or None."""
     node = view.nodes.get(node_id) if node_id is not None else None
-    return node if node is not None and node.http_addr() else None
+    return node if node is not None and node.peer_addr() else None
 
 
 def _hint(exc: RemoteError) -> str | None:
@@ -450,7 +450,7 @@ class RoutingClient:
             node = found
         budget = self._config.request_timeout if timeout is None else timeout
         pool = await self._peer_pool()
-        return await pool.request(node.http_addr(), method, payload, timeout=budget)
+        return await pool.request(node.peer_addr(), method, payload, timeout=budget)
 
     async def _attempt(
         self, pool: PeerPool, target: Node, pt: int, method: str, payload: Any, timeout: float
@@ -458,7 +458,7 @@ class RoutingClient:
         """One call to ``target``, abandoned (as unreachable) as soon as the view names a new
         leader term for ``pt`` held by another live node: a frozen leader must not cost the
         whole budget when its successor is already known."""
-        addr = target.http_addr()
+        addr = target.peer_addr()
         if not self._config.cache_enabled:
             return await pool.request(addr, method, payload, timeout=timeout)
         outcome: list[Any] = []

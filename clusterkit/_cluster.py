@@ -386,12 +386,15 @@ async def _etcd_endpoints(config: Config) -> AsyncIterator[tuple[str, ...]]:
         yield etcd.endpoints
 
 
-def _node_record(config: Config, http: str) -> Node:
+def _node_record(config: Config, peer: str) -> Node:
     host = config.advertise_addr
+    endpoints = {"peer": peer, "grpc": f"{host}:{config.grpc_port}"}
+    if config.http_port:
+        endpoints["http"] = f"{host}:{config.http_port}"
     return Node(
         id=config.node_id,
         addr=host,
-        endpoints={"http": http, "grpc": f"{host}:{config.grpc_port}"},
+        endpoints=endpoints,
         metadata=dict(config.metadata),
         started=time.time(),
     )
@@ -482,7 +485,7 @@ async def _start_peers(
                 secret,
                 handlers,
                 config.bind_addr or config.advertise_addr,
-                config.http_port,
+                config.peer_port,
                 stream_handlers=stream_handlers,
                 max_frame=config.peer_max_message,
                 ssl_context=server_tls,
@@ -598,10 +601,11 @@ async def _open_node(
                 nursery.start_soon(drain_watcher.run)
                 current = views.value
                 config.log.info(
-                    "clusterkit %s: joined: peers at %s, grpc %s, etcd %s, "
+                    "clusterkit %s: joined: peers at %s, http %s, grpc %s, etcd %s, "
                     "map version %s, %d node(s)",
                     config.node_id,
-                    membership.node.http_addr(),
+                    membership.node.peer_addr(),
+                    membership.node.http_addr() or "none",
                     membership.node.grpc_addr(),
                     ",".join(etcd.config.endpoints),
                     current.map.version if current.map is not None else "none yet",

@@ -274,8 +274,14 @@ class Config:
     Attributes:
         node_id: unique id of this node (1-128 of ``A-Z a-z 0-9 . _ : -``).
         advertise_addr: the address other nodes and clients use to reach this node.
-        http_port: port of the peer (websocket) endpoint; 0 picks a free port. Default 8080.
-        grpc_port: port of the gRPC endpoint advertised to other languages. Default 9000.
+        http_port: port of the node's own HTTP service, which the application serves
+            (clusterkit only advertises it: ``node.http_addr()`` is ``http://host:port``, the
+            address a request is redirected to); 0 advertises none. Default 8080.
+        grpc_port: port of the node's gRPC service, advertised as ``node.grpc_addr()``.
+            Default 9000.
+        peer_port: port clusterkit's peer endpoint (websocket: ``ck.peers``, migrations,
+            routing clients) listens on, advertised as ``node.peer_addr()``. Default 0: a free
+            port, found by peers and clients through etcd; set one for firewalls.
         partitions: P, the number of partitions; fixed for the cluster's life. Default 256.
             Bounded so the partition map (one etcd value) stays under etcd's 1.5 MiB request
             limit: up to 68,782 with R=3 (151,322 with R=1, 44,506 with R=5).
@@ -329,6 +335,7 @@ class Config:
     advertise_addr: str = "127.0.0.1"
     http_port: int = 8080
     grpc_port: int = 9000
+    peer_port: int = 0
     partitions: int = 256
     replica_factor: int = 3
     etcd_endpoints: Sequence[str] = ()
@@ -381,6 +388,14 @@ class Config:
             )
         _port("http_port", self.http_port)
         _port("grpc_port", self.grpc_port)
+        _port("peer_port", self.peer_port)
+        if self.peer_port and self.peer_port in (self.http_port, self.grpc_port):
+            raise ConfigError(
+                "peer_port",
+                "must differ from http_port and grpc_port: clusterkit's peer endpoint listens "
+                "on peer_port, the application serves http_port (earlier versions served the "
+                "peer endpoint on http_port)",
+            )
         _port("metrics_port", self.metrics_port, allow_none=True)
         for name in ("partitions", "replica_factor"):
             value = getattr(self, name)

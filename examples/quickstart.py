@@ -22,7 +22,7 @@ def config(node_id: str, endpoints: tuple[str, ...]) -> clusterkit.Config:
     return clusterkit.Config(
         node_id=node_id,
         etcd_endpoints=endpoints,
-        http_port=0,  # a free port; real deployments use the default 8080
+        http_port=0,  # this demo serves no HTTP of its own (the peer endpoint: a free port)
         partitions=PARTITIONS,
         replica_factor=3,
         session_ttl=3.0,
@@ -56,7 +56,7 @@ def report(ck: clusterkit.ClusterKit, title: str) -> None:
     )
     for node in ck.get_nodes():
         print(
-            f"  {node.id}  {node.http_addr():<21}  replicas {replicas[node.id]:3d}  "
+            f"  {node.id}  {node.peer_addr():<21}  replicas {replicas[node.id]:3d}  "
             f"leads {leaders[node.id]:3d}"
         )
     for key in ("user:42", "order:7", "cart:alice"):

@@ -32,6 +32,8 @@ def test_defaults_follow_the_go_clusterkit() -> None:
         ("advertise_addr", ""),
         ("http_port", 70000),
         ("http_port", -1),
+        ("peer_port", 65536),
+        ("peer_port", 8080),  # the application's http_port (the default)
         ("grpc_port", "9000"),
         ("partitions", 0),
         ("partitions", True),

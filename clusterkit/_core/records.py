@@ -49,7 +49,8 @@ class Node:
     Attributes:
         id: the node id (unique among live nodes).
         addr: the address other nodes and clients reach it at.
-        endpoints: named ``host:port`` endpoints (``"http"``, ``"grpc"``, ...).
+        endpoints: named ``host:port`` endpoints: ``"peer"`` (clusterkit's), ``"http"`` and
+            ``"grpc"`` (the application's services).
         metadata: free-form string pairs from the node's config.
         state: ``"active"``, or ``"draining"`` while it leaves with ``drain=True``.
         started: Unix time at which the node registered.
@@ -66,12 +67,20 @@ class Node:
         return hash(self.id)
 
     def http_addr(self) -> str:
-        """``host:port`` of the node's HTTP/websocket endpoint (peer transport)."""
-        return self.endpoints.get("http", "")
+        """``http://host:port`` of the node's HTTP service (the application's), or ``""``."""
+        addr = self.endpoints.get("http", "")
+        return f"http://{addr}" if addr else ""
 
     def grpc_addr(self) -> str:
-        """``host:port`` of the node's gRPC endpoint."""
+        """``host:port`` of the node's gRPC service, or ``""``."""
         return self.endpoints.get("grpc", "")
+
+    def peer_addr(self) -> str:
+        """``host:port`` of clusterkit's peer endpoint (``ck.peers``), or ``""``.
+
+        Records of earlier versions have no ``"peer"`` endpoint: their ``"http"`` one was it.
+        """
+        return self.endpoints.get("peer") or self.endpoints.get("http", "")
 
     def __repr__(self) -> str:
         return f"Node({self.id!r}, {self.addr!r}, state={self.state!r})"

@@ -1,6 +1,6 @@
 """``ck.peers``: the node's peer endpoint and its calls to other nodes, by node id.
 
-The node serves one websocket endpoint (its ``Node.endpoints["http"]``) and keeps one
+The node serves one websocket endpoint (its ``Node.peer_addr()``, on ``peer_port``) and keeps one
 outgoing connection per peer (:class:`~.transport.PeerPool`). Handlers are registered by
 method name, before or after the node joined; a request for a method nobody registered
 answers ``RemoteError("UnknownMethod", method)``.
@@ -132,13 +132,13 @@ class Peers:
             PeerUnreachable: ``node`` is an id that is not in the current view.
         """
         if isinstance(node, Node):
-            addr = node.http_addr()
+            addr = node.peer_addr()
             if not addr:
                 raise PeerUnreachable(f"node {node.id} has no peer endpoint")
             return addr
         found = self._resolve(node)
-        if found is not None and found.http_addr():
-            return found.http_addr()
+        if found is not None and found.peer_addr():
+            return found.peer_addr()
         if ":" in node and not found:
             return node
         raise PeerUnreachable(f"node {node!r} is not a live member of the cluster")

@@ -27,7 +27,15 @@ LAYOUT = KeyLayout("/ck")
 def test_node_round_trip_and_equality_by_value() -> None:
     node = Node("n1", "10.1.2.3", {"http": "h:1"}, {"zone": "a"}, "draining", 12.5)
     assert decode_node(encode_node(node), "n1") == node
-    assert hash(node) == hash("n1") and node.http_addr() == "h:1" and node.grpc_addr() == ""
+    assert hash(node) == hash("n1") and node.http_addr() == "http://h:1" and node.grpc_addr() == ""
+    assert node.peer_addr() == "h:1"  # a record of an earlier version: "http" was the peer endpoint
+
+
+def test_a_node_advertises_the_applications_ports_and_its_peer_endpoint_apart() -> None:
+    node = Node("n1", "10.0.0.1", {"peer": "10.0.0.1:40000", "http": "10.0.0.1:8080"})
+    assert node.peer_addr() == "10.0.0.1:40000"
+    assert node.http_addr() == "http://10.0.0.1:8080"  # the Go README's HTTPAddr()
+    assert Node("n2", "h", {"peer": "h:1"}).http_addr() == ""  # http_port=0: none
 
 
 @pytest.mark.parametrize(
