@@ -654,6 +654,7 @@ async def rotate_cluster_secret(
     Raises:
         SecretRotationError: no secret is stored (the cluster uses ``cluster_secret``, or no
             node has started), a rotation is still in progress, or the key changed meanwhile.
+        ConfigError: ``window`` is not a positive, finite number of seconds.
         EtcdError: etcd could not be reached.
     """
     async with open_etcd_client(config.etcd_config()) as etcd:

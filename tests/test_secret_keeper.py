@@ -123,6 +123,9 @@ async def test_a_rotation_keeps_every_handshake_working_and_ends_with_only_the_n
                     await trio.sleep(0.02)
             with pytest.raises(clusterkit.SecretRotationError):  # one rotation at a time
                 await clusterkit.rotate_cluster_secret(client_config, window=window)
+            for bad in (0, -1, float("inf"), float("nan")):
+                with pytest.raises(clusterkit.ConfigError, match="window"):
+                    await clusterkit.rotate_cluster_secret(client_config, window=bad)
 
             # First half of the window: a newcomer dials with the old secret; everyone knows it.
             n3 = await start(nursery, "n3")

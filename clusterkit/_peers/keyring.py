@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -152,6 +153,8 @@ class Keyring:
             obj: Any = json.loads(value)
         except ValueError:
             raise ValueError("not a keyring: invalid JSON") from None
+        except RecursionError:
+            raise ValueError("not a keyring: nested too deeply") from None
         if isinstance(obj, dict) and set(obj) == {"current", "rotated_from"}:
             current, rotated_from = obj["current"], obj["rotated_from"]
             if not isinstance(current, str) or len(current) < MIN_SECRET:
@@ -166,7 +169,7 @@ class Keyring:
         if not all(isinstance(s, str) and len(s) >= MIN_SECRET for s in (current, previous)):
             raise ValueError(f"not a keyring: secrets are strings of at least {MIN_SECRET}")
         if not all(
-            isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+            isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf
             for x in (rotated_at, window)
         ):
             raise ValueError("not a keyring: rotated_at and window are numbers >= 0")

@@ -46,7 +46,7 @@ from collections import deque
 import trio
 
 from .._core.keys import KeyLayout
-from .._errors import EtcdError, PeerAuthFailed, SecretRotationError
+from .._errors import ConfigError, EtcdError, PeerAuthFailed, SecretRotationError
 from .._etcd.client import EtcdClient
 from .._etcd.types import Compare, EventType, KeyValue, Op, RangeResult
 from .keyring import Keyring
@@ -156,10 +156,15 @@ async def rotate_secret(
         SecretRotationError: no secret is stored (no node has started, or the cluster uses a
             configured ``cluster_secret``), a previous rotation's window is still open, the
             stored value is not a keyring, or another writer changed it meanwhile.
-        ValueError: ``window`` is not positive.
+        ConfigError: ``window`` is not a positive, finite number of seconds.
     """
-    if not window > 0:
-        raise ValueError("window must be > 0 seconds")
+    if (
+        not isinstance(window, int | float)
+        or isinstance(window, bool)
+        or not math.isfinite(window)
+        or window <= 0
+    ):
+        raise ConfigError("window", "must be a positive, finite number of seconds")
     kv = await etcd.get(layout.secret)
     if kv is None:
         raise SecretRotationError(

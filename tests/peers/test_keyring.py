@@ -54,6 +54,10 @@ def test_adopt_changes_every_holder_of_the_object() -> None:
         b'"rotated_at": -1, "window": 1}',
         b'{"current": "new-secret-0123456789", "previous": "old-secret-0123456789", '
         b'"rotated_at": 1, "window": true}',
+        b'{"current": "new-secret-0123456789", "previous": "old-secret-0123456789", '
+        b'"rotated_at": 1, "window": Infinity}',
+        b'{"current": "new-secret-0123456789", "rotated_from": "short"}',
+        pytest.param(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", id="nested-deeply"),
     ],
 )
 def test_garbage_is_not_a_keyring(value: bytes) -> None:
