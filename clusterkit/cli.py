@@ -5,7 +5,7 @@ Usage (also ``python -m clusterkit``)::
     clusterkit [--endpoints E] [--prefix P] [TLS/user flags] COMMAND [--json]
 
     status                one screen: nodes, coordinator, map, moving/under-replicated/leaderless
-    nodes                 registered nodes: address, state, replicas, leaderships
+    nodes                 registered nodes: peer and HTTP addresses, state, replicas, leaderships
     partitions [--node N] every partition: replicas, pending move, leader, epoch
     leaders               every partition's leader and epoch
     watch [--count K] [--seconds S]   live events (joins, leaves, map versions, leaders)
@@ -119,6 +119,9 @@ def nodes(snap: Snapshot) -> list[dict[str, Any]]:
             {
                 "id": node_id,
                 "addr": node.addr,
+                "peer": node.peer_addr(),
+                "http": node.http_addr(),
+                "grpc": node.grpc_addr(),
                 "state": node.state,
                 "replicas": replicas,
                 "leading": leading,
@@ -195,7 +198,7 @@ def check(snap: Snapshot) -> list[str]:
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
-        if value is None:
+        if value is None or value == "":
             return "-"
         if isinstance(value, list):
             return ",".join(map(str, value)) or "-"
@@ -358,7 +361,9 @@ async def run(args: argparse.Namespace) -> int:
                 _emit(args, report, _summary(report))
             case "nodes":
                 rows = nodes(await read(etcd, layout))
-                _emit(args, rows, _table(rows, ["id", "addr", "state", "replicas", "leading"]))
+                _emit(
+                    args, rows, _table(rows, ["id", "peer", "http", "state", "replicas", "leading"])
+                )
             case "partitions":
                 rows = partitions(await read(etcd, layout), args.node)
                 columns = ["partition", "replicas", "pending", "leader", "epoch"]

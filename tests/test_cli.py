@@ -56,7 +56,8 @@ async def test_status_tables_json_and_check(
         assert [r["id"] for r in rows] == ["n1", "n2", "n3"]
         assert all(r["replicas"] == P for r in rows) and sum(r["leading"] for r in rows) == P
         code, out, _ = await cli(etcd, prefix, "nodes")
-        assert out.splitlines()[0].split() == ["ID", "ADDR", "STATE", "REPLICAS", "LEADING"]
+        assert out.splitlines()[0].split() == ["ID", "PEER", "HTTP", "STATE", "REPLICAS", "LEADING"]
+        assert all(r["peer"].startswith("127.0.0.1:") and r["http"] == "" for r in rows)
         assert len(out.splitlines()) == 4
 
         parts = await cli_json(etcd, prefix, "partitions", "--node", "n2")
