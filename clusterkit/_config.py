@@ -57,7 +57,8 @@ def _port(name: str, value: object, *, allow_none: bool = False) -> None:
         raise ConfigError(name, "must be a port number 0-65535 (0 picks a free port)")
 
 
-def _positive(name: str, value: object) -> None:
+def positive_seconds(name: str, value: object) -> None:
+    """Raise ``ConfigError(name, ...)`` unless ``value`` is a positive, finite number."""
     if (
         not isinstance(value, int | float)
         or isinstance(value, bool)
@@ -412,7 +413,7 @@ class Config:
                 "map is one etcd value, never split): use fewer partitions or replicas",
             )
         _check_etcd_location(self)
-        _positive("session_ttl", self.session_ttl)
+        positive_seconds("session_ttl", self.session_ttl)
         if self.session_ttl < 1:
             raise ConfigError("session_ttl", "must be >= 1 second (etcd leases are whole seconds)")
         if self.session_ttl > MAX_SESSION_TTL:
@@ -423,7 +424,7 @@ class Config:
             )
         if self.heartbeat_interval is None:
             object.__setattr__(self, "heartbeat_interval", self.session_ttl / 3)
-        _positive("heartbeat_interval", self.heartbeat_interval)
+        positive_seconds("heartbeat_interval", self.heartbeat_interval)
         assert self.heartbeat_interval is not None
         if self.heartbeat_interval < MIN_HEARTBEAT:
             raise ConfigError(
@@ -462,8 +463,8 @@ class Config:
             or self.hook_concurrency < 1
         ):
             raise ConfigError("hook_concurrency", "must be an integer >= 1")
-        _positive("etcd_dial_timeout", self.etcd_dial_timeout)
-        _positive("etcd_request_timeout", self.etcd_request_timeout)
+        positive_seconds("etcd_dial_timeout", self.etcd_dial_timeout)
+        positive_seconds("etcd_request_timeout", self.etcd_request_timeout)
         if self.etcd_endpoints:
             self.etcd_config()  # validates endpoints, TLS and auth pairs
         _resolve_secret(self)
@@ -472,7 +473,7 @@ class Config:
         ):
             raise ConfigError("bind_addr", "must be a host name or IP address (no port), or None")
         _check_embedded(self)
-        _positive("peer_timeout", self.peer_timeout)
+        positive_seconds("peer_timeout", self.peer_timeout)
         _check_peer_tls(self.peer_tls_cert, self.peer_tls_key, self.peer_tls_ca)
         _check_max_message(self.peer_max_message)
         pending = self.peer_max_pending_handshakes
@@ -560,7 +561,7 @@ class ClientConfig:
         if not isinstance(self.cache_enabled, bool):
             raise ConfigError("cache_enabled", "must be True or False")
         for name in ("cache_ttl", "dial_timeout", "request_timeout"):
-            _positive(name, getattr(self, name))
+            positive_seconds(name, getattr(self, name))
         _resolve_secret(self)
         if self.client_id is not None and (
             not isinstance(self.client_id, str) or not 0 < len(self.client_id) <= 128

@@ -249,7 +249,9 @@ class AioBridge:
             self.bound = True
             self._released = self._poller is None
         if not self._released and self._poller is not None and self._poller.bound:
-            self._released = _stop_polling(self._loop)
+            assert self._loop is not None  # (stubs() runs on the loop)
+            _stop_polling(self._loop)
+            self._released = True
         return stubs
 
     # -- unary calls ----------------------------------------------------------------------
@@ -537,8 +539,8 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
     loop.default_exception_handler(context)
 
 
-def _stop_polling(loop: asyncio.AbstractEventLoop | None) -> bool:
-    """Take gRPC's completion socket off ``loop``'s selector; True when it is not on it.
+def _stop_polling(loop: asyncio.AbstractEventLoop) -> None:
+    """Take gRPC's completion socket off ``loop``'s selector.
 
     grpc.aio has one poller thread per process. It queues each completion and writes one byte
     to a socket that every loop with a channel watches, so every completion wakes every such
@@ -549,12 +551,19 @@ def _stop_polling(loop: asyncio.AbstractEventLoop | None) -> bool:
     The reader is found by its callback (``PollerCompletionQueue._handle_events``); a grpcio
     whose internals differ leaves it in place, which costs the wakeups and nothing else.
     """
+    for fd in grpc_completion_readers(loop):
+        loop.remove_reader(fd)
+
+
+def grpc_completion_readers(loop: asyncio.AbstractEventLoop | None) -> list[int]:
+    """The file descriptors ``loop`` watches for gRPC's poller (its completion socket)."""
     selector = getattr(loop, "_selector", None)
-    if loop is None or selector is None:
-        return True
-    for key in list(selector.get_map().values()):
+    if selector is None:
+        return []
+    found = []
+    for key in selector.get_map().values():
         reader = key.data[0] if isinstance(key.data, tuple) else None
         callback = getattr(getattr(reader, "_callback", None), "func", None)
         if getattr(callback, "__name__", "") == "_handle_events":
-            loop.remove_reader(key.fd)
-    return True
+            found.append(key.fd)
+    return found

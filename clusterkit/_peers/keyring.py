@@ -120,22 +120,15 @@ class Keyring:
 
     def encode(self) -> bytes:
         """The stored form: the secret alone, or JSON with the previous secret or its hash."""
+        if self.previous is None and self.rotated_from is None:
+            return self.current
+        fields: dict[str, Any] = {"current": self.current.decode("latin-1")}
         if self.previous is None:
-            if self.rotated_from is None:
-                return self.current
-            return json.dumps(
-                {"current": self.current.decode("latin-1"), "rotated_from": self.rotated_from},
-                sort_keys=True,
-            ).encode()
-        return json.dumps(
-            {
-                "current": self.current.decode("latin-1"),
-                "previous": self.previous.decode("latin-1"),
-                "rotated_at": self.rotated_at,
-                "window": self.window,
-            },
-            sort_keys=True,
-        ).encode()
+            fields["rotated_from"] = self.rotated_from
+        else:
+            fields["previous"] = self.previous.decode("latin-1")
+            fields["rotated_at"], fields["window"] = self.rotated_at, self.window
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, value: bytes) -> Keyring:
@@ -156,29 +149,30 @@ class Keyring:
         except RecursionError:
             raise ValueError("not a keyring: nested too deeply") from None
         if isinstance(obj, dict) and set(obj) == {"current", "rotated_from"}:
-            current, rotated_from = obj["current"], obj["rotated_from"]
-            if not isinstance(current, str) or len(current) < MIN_SECRET:
-                raise ValueError(f"not a keyring: secrets are strings of at least {MIN_SECRET}")
+            rotated_from = obj["rotated_from"]
             if not isinstance(rotated_from, str) or len(rotated_from) != 32:
                 raise ValueError("not a keyring: rotated_from is a 32-character fingerprint")
-            return cls(current.encode("latin-1"), rotated_from=rotated_from)
+            return cls(_secret_field(obj["current"]), rotated_from=rotated_from)
         if not isinstance(obj, dict) or set(obj) != {"current", "previous", "rotated_at", "window"}:
             raise ValueError("not a keyring: expected current, previous, rotated_at, window")
-        current, previous = obj["current"], obj["previous"]
         rotated_at, window = obj["rotated_at"], obj["window"]
-        if not all(isinstance(s, str) and len(s) >= MIN_SECRET for s in (current, previous)):
-            raise ValueError(f"not a keyring: secrets are strings of at least {MIN_SECRET}")
         if not all(
             isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf
             for x in (rotated_at, window)
         ):
             raise ValueError("not a keyring: rotated_at and window are numbers >= 0")
         return cls(
-            current.encode("latin-1"),
-            previous.encode("latin-1"),
+            _secret_field(obj["current"]),
+            _secret_field(obj["previous"]),
             rotated_at=float(rotated_at),
             window=float(window),
         )
+
+
+def _secret_field(value: Any) -> bytes:
+    if not isinstance(value, str) or len(value) < MIN_SECRET:
+        raise ValueError(f"not a keyring: secrets are strings of at least {MIN_SECRET}")
+    return value.encode("latin-1")
 
 
 def as_keyring(secret: bytes | Keyring) -> Keyring:

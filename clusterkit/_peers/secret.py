@@ -45,8 +45,9 @@ from collections import deque
 
 import trio
 
+from .._config import positive_seconds
 from .._core.keys import KeyLayout
-from .._errors import ConfigError, EtcdError, PeerAuthFailed, SecretRotationError
+from .._errors import EtcdError, PeerAuthFailed, SecretRotationError
 from .._etcd.client import EtcdClient
 from .._etcd.types import Compare, EventType, KeyValue, Op, RangeResult
 from .keyring import Keyring
@@ -111,17 +112,18 @@ async def shared_secret(
         if kv is None
         else Compare.mod_revision(layout.secret, "=", kv.mod_revision)
     )
-    result = await etcd.txn(
-        [guard], [Op.put(layout.secret, fresh.encode())], [Op.get(layout.secret)]
-    )
-    if result.succeeded:
-        return fresh
-    found = result.responses[0]
-    assert isinstance(found, RangeResult)
-    keys = _stored(found.kvs[0] if found.kvs else None)
+    keys = _stored(await _put_if(etcd, guard, layout.secret, fresh.encode()))
     if keys is None:
         raise PeerAuthFailed(f"the cluster secret at {layout.secret.decode()} is not readable")
     return keys
+
+
+async def _put_if(etcd: EtcdClient, guard: Compare, key: bytes, value: bytes) -> KeyValue | None:
+    """Put ``value`` at ``key`` if ``guard`` holds; the key as it is afterwards, either way."""
+    result = await etcd.txn([guard], [Op.put(key, value), Op.get(key)], [Op.get(key)])
+    found = result.responses[-1]
+    assert isinstance(found, RangeResult)
+    return found.kvs[0] if found.kvs else None
 
 
 async def _from_legacy_key(etcd: EtcdClient, layout: KeyLayout, *, copy: bool) -> KeyValue | None:
@@ -132,16 +134,8 @@ async def _from_legacy_key(etcd: EtcdClient, layout: KeyLayout, *, copy: bool) -
         return None
     if not copy:
         return legacy
-    result = await etcd.txn(
-        [Compare.create_revision(layout.secret, "=", 0)],
-        [Op.put(layout.secret, legacy.value)],
-        [Op.get(layout.secret)],
-    )
-    if result.succeeded:
-        return await etcd.get(layout.secret)
-    found = result.responses[0]
-    assert isinstance(found, RangeResult)
-    return found.kvs[0] if found.kvs else None
+    created = Compare.create_revision(layout.secret, "=", 0)
+    return await _put_if(etcd, created, layout.secret, legacy.value)
 
 
 async def rotate_secret(
@@ -158,13 +152,7 @@ async def rotate_secret(
             stored value is not a keyring, or another writer changed it meanwhile.
         ConfigError: ``window`` is not a positive, finite number of seconds.
     """
-    if (
-        not isinstance(window, int | float)
-        or isinstance(window, bool)
-        or not math.isfinite(window)
-        or window <= 0
-    ):
-        raise ConfigError("window", "must be a positive, finite number of seconds")
+    positive_seconds("window", window)
     kv = await etcd.get(layout.secret)
     if kv is None:
         raise SecretRotationError(
@@ -240,22 +228,21 @@ class SecretKeeper:
         async with self._etcd.watch(
             self._layout.secret, start_revision=result.revision + 1
         ) as watch:
-            while True:
-                # While a rotation's window is open, wake when it closes to drop the old secret.
-                with trio.move_on_after(
-                    self._keys.ends_in() + 0.5 if self._keys.previous else math.inf
-                ):
-                    try:
-                        batch = await watch.__anext__()
-                    except StopAsyncIteration:
-                        return  # the watch ended: read the key again
+            # While a rotation's window is open, wake when it closes to drop the old secret.
+            with trio.move_on_at(self._window_closes()) as scope:
+                async for batch in watch:
                     for event in batch.events:
                         await self._ensure(event.kv if event.type is EventType.PUT else None)
-                    continue
-                return  # the window closed: read the key again (and settle it)
+                    scope.deadline = self._window_closes()
+        # The watch ended, or the window closed: read the key again (and settle it).
+
+    def _window_closes(self) -> float:
+        """Trio time just after the open rotation's window closes (never, with none open)."""
+        if self._keys.previous is None:
+            return math.inf
+        return trio.current_time() + self._keys.ends_in() + 0.5
 
     async def _ensure(self, kv: KeyValue | None) -> None:
-        key = self._layout.secret
         keys = self._keys
         stored = _stored(kv)
         if stored is not None and stored != keys and stored.follows(keys):
@@ -267,47 +254,57 @@ class SecretKeeper:
                     "for another %.0f s",
                     keys.ends_in(),
                 )
-        if stored is not None and stored == keys:
-            if keys.previous is None or keys.rotating():
-                return
-            settled = keys.settled()  # the window has passed: forget the old secret
-            if not self._writes:
-                keys.adopt(settled)
-                return
+        if kv is not None and stored == keys:
+            await self._settle(kv)
+        elif self._writes and self._may_restore():
+            await self._restore(kv)
+
+    async def _settle(self, kv: KeyValue) -> None:
+        """Once a rotation's window has passed, drop the old secret (from the key, too)."""
+        keys = self._keys
+        if keys.previous is None or keys.rotating():
+            return
+        settled = keys.settled()
+        if self._writes:
             result = await self._etcd.txn(
-                [Compare.mod_revision(key, "=", kv.mod_revision)],  # type: ignore[union-attr]
-                [Op.put(key, settled.encode())],
+                [Compare.mod_revision(kv.key, "=", kv.mod_revision)],
+                [Op.put(kv.key, settled.encode())],
             )
-            keys.adopt(settled)
             if result.succeeded:
                 self._log.info("clusterkit: the previous cluster secret is no longer accepted")
-            return
-        if not self._writes:
-            return  # the nodes' keepers put it back
+        keys.adopt(settled)
+
+    def _may_restore(self) -> bool:
+        """At most MAX_RESTORES restores per RESTORE_PERIOD: another writer that keeps changing
+        the key back (a node holding a secret from before two rotations, or a tool) is not
+        fought for ever; an operator must look."""
         now = trio.current_time()
         while self._restore_times and self._restore_times[0] < now - RESTORE_PERIOD:
             self._restore_times.popleft()
-        if len(self._restore_times) >= MAX_RESTORES:
-            # Another writer keeps changing it back: a node holding a secret from before two
-            # rotations, or a tool. Fighting it would write etcd for ever; an operator must look.
-            if now >= self._quiet_until:
-                self._quiet_until = now + RESTORE_PERIOD
-                self._log.error(
-                    "clusterkit: the cluster secret at %s keeps being replaced by a value this "
-                    "node cannot follow (%d restores in %.0f s); not restoring it again for now",
-                    key.decode(),
-                    MAX_RESTORES,
-                    RESTORE_PERIOD,
-                )
-            return
-        self._restore_times.append(now)
+        if len(self._restore_times) < MAX_RESTORES:
+            self._restore_times.append(now)
+            return True
+        if now >= self._quiet_until:
+            self._quiet_until = now + RESTORE_PERIOD
+            self._log.error(
+                "clusterkit: the cluster secret at %s keeps being replaced by a value this "
+                "node cannot follow (%d restores in %.0f s); not restoring it again for now",
+                self._layout.secret.decode(),
+                MAX_RESTORES,
+                RESTORE_PERIOD,
+            )
+        return False
+
+    async def _restore(self, kv: KeyValue | None) -> None:
+        """Put back the keyring this node holds over a deletion or an overwrite."""
+        key = self._layout.secret
         if kv is None:
             guard = Compare.create_revision(key, "=", 0)
             what = "was deleted"
         else:
             guard = Compare.mod_revision(key, "=", kv.mod_revision)
             what = "was overwritten with a value that is not a rotation of the cluster's secret"
-        result = await self._etcd.txn([guard], [Op.put(key, keys.encode())])
+        result = await self._etcd.txn([guard], [Op.put(key, self._keys.encode())])
         if result.succeeded:
             self.restored += 1
             log = self._log.warning if kv is None else self._log.error

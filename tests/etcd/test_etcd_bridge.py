@@ -10,7 +10,7 @@ import pytest
 import trio
 
 import clusterkit
-from clusterkit._etcd.bridge import AioBridge
+from clusterkit._etcd.bridge import AioBridge, grpc_completion_readers
 from clusterkit._etcd.channel import Endpoint
 from clusterkit._etcd.pb.etcdserverpb import rpc_pb2
 from clusterkit._etcd.stream import BidiStream
@@ -172,12 +172,7 @@ async def test_lease_calls_run_on_the_lease_bridge(etcd: clusterkit.EmbeddedEtcd
 
 
 def _watches_grpc_completions(bridge: AioBridge) -> bool:
-    selector = bridge._loop._selector  # type: ignore[union-attr]
-    for key in selector.get_map().values():
-        callback = getattr(getattr(key.data[0], "_callback", None), "func", None)
-        if getattr(callback, "__name__", "") == "_handle_events":
-            return True
-    return False
+    return bool(grpc_completion_readers(bridge._loop))
 
 
 async def test_only_the_main_bridge_is_woken_by_grpc_completions(
