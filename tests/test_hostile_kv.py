@@ -3,69 +3,46 @@
 While writers keep overwriting keys through the leaders, an "operator" does what issue 11's
 table lists, in a random order per seed: garbage in, deletion of, and a foreign well-formed
 ``P/map``; deletion of and garbage in a node's key; lease-less leader keys; a lease-less ghost
-node; deletion and overwrite of ``P/secret``; junk keys. Required: no node exits, no node's map
-version ever goes down, and once the cluster settles every acknowledged write is served by its
-leader (0 lost).
+node; deletion and overwrite of the secret (``P.secret``); junk keys. Required: no node
+exits, no node's map version ever goes down, and once the cluster settles every acknowledged
+write is served by its leader (0 lost).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
+from hostile_acts import ACTS, hostile_act
 from test_kv_store import VirtualStore
 
 from clusterkit._core.keys import KeyLayout
-from clusterkit._core.records import MapRecord, Node, encode_map, encode_node
+from clusterkit.etcd import EtcdClient
 from clusterkit.testing import TestCluster, open_test_cluster
 
 P = 8
 LAYOUT = KeyLayout("/clusterkit")
 SEEDS = range(4)
-ACTS = (
-    "map_garbage",
-    "map_delete",
-    "map_foreign",
-    "node_delete",
-    "node_garbage",
-    "leader_leaseless",
-    "ghost",
-    "secret_delete",
-    "secret_overwrite",
-    "junk",
-)
 
 
 async def _act(cluster: TestCluster, rng: random.Random, act: str) -> None:
     op = cluster.store.client()
     try:
         victim = rng.choice(sorted(cluster.nodes))
-        match act:
-            case "map_garbage":
-                await op.put(LAYOUT.map, b"not json")
-            case "map_delete":
-                await op.delete(LAYOUT.map)
-            case "map_foreign":  # well-formed, for a cluster of another shape, version 1
-                replicas = tuple((victim,) for _ in range(P // 2))
-                await op.put(LAYOUT.map, encode_map(MapRecord(1, P // 2, 1, replicas)))
-            case "node_delete":
-                await op.delete(LAYOUT.node(victim))
-            case "node_garbage":
-                await op.put(LAYOUT.node(victim), b"\x00garbage")
-            case "leader_leaseless":
-                await op.put(LAYOUT.leader(rng.randrange(P)), victim)
-            case "ghost":
-                await op.put(LAYOUT.node("ghost"), encode_node(Node("ghost", "memory:ghost")))
-            case "secret_delete":
-                await op.delete(LAYOUT.secret)
-            case "secret_overwrite":
-                await op.put(LAYOUT.secret, b"f" * 64)
-            case "junk":
-                for i in range(200):
-                    await op.put(LAYOUT.root + b"junk/%d" % i, b"x")
+        partition = rng.randrange(P) if act == "leader_leaseless" else 0
+        await hostile_act(
+            cast(EtcdClient, op),  # the memory client has EtcdClient's API
+            LAYOUT,
+            act,
+            victim=victim,
+            partition=partition,
+            partitions=P,
+            ghost_addr="memory:ghost",
+            junk=200,
+        )
     finally:
         await op.aclose()
 

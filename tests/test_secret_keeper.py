@@ -21,6 +21,20 @@ async def _secret(client: clusterkit.EtcdClient, key: bytes) -> bytes | None:
     return kv.value if kv is not None else None
 
 
+async def echo(payload: object) -> object:
+    return payload
+
+
+def client_config(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, *, cluster_secret: bytes | None = None
+) -> clusterkit.ClientConfig:
+    return clusterkit.ClientConfig(
+        etcd_endpoints=list(etcd.endpoints),
+        etcd_prefix=prefix.rstrip("/"),
+        cluster_secret=cluster_secret,
+    )
+
+
 async def _wait_for_value(client: clusterkit.EtcdClient, key: bytes, value: bytes) -> None:
     with trio.fail_after(5):
         while await _secret(client, key) != value:
@@ -46,9 +60,6 @@ async def test_a_deleted_or_overwritten_secret_is_restored_and_a_new_node_gets_i
         forged.rotated_at, forged.window = time.time(), 600.0
         await client.put(key, forged.encode())
         await _wait_for_value(client, key, original)
-
-        async def echo(payload: object) -> object:
-            return payload
 
         for running in (n1, n2):
             running.ck.peers.add_handler("test.echo", echo)
@@ -93,9 +104,6 @@ async def test_a_rotation_keeps_every_handshake_working_and_ends_with_only_the_n
     key = KeyLayout(prefix).secret
     window = 3.0
 
-    async def echo(payload: object) -> object:
-        return payload
-
     async def start(nursery: trio.Nursery, node_id: str) -> RunningNode:
         node = await start_node(nursery, node_config(node_id, etcd.endpoints, prefix))
         node.ck.peers.add_handler("test.echo", echo)
@@ -106,26 +114,24 @@ async def test_a_rotation_keeps_every_handshake_working_and_ends_with_only_the_n
         n2 = await start(nursery, "n2")
         old = await _secret(client, key)
         assert old is not None
-        client_config = clusterkit.ClientConfig(
-            etcd_endpoints=list(etcd.endpoints), etcd_prefix=prefix.rstrip("/")
-        )
-        async with clusterkit.open_client(client_config) as routing:
+        config = client_config(etcd, prefix)
+        async with clusterkit.open_client(config) as routing:
             with trio.fail_after(5):
                 while len(routing.get_nodes()) < 2:
                     await trio.sleep(0.02)
             assert await routing.call("n1", "test.echo", 1) == 1
 
-            until = await clusterkit.rotate_cluster_secret(client_config, window=window)
+            until = await clusterkit.rotate_cluster_secret(config, window=window)
             stored = Keyring.decode(await _secret(client, key) or b"")
             assert stored.previous == old and stored.current != old
             with trio.fail_after(5):  # every holder adopts it from its watch
                 while n1.ck.peers._pool._secret != stored:
                     await trio.sleep(0.02)
             with pytest.raises(clusterkit.SecretRotationError):  # one rotation at a time
-                await clusterkit.rotate_cluster_secret(client_config, window=window)
+                await clusterkit.rotate_cluster_secret(config, window=window)
             for bad in (0, -1, float("inf"), float("nan")):
                 with pytest.raises(clusterkit.ConfigError, match="window"):
-                    await clusterkit.rotate_cluster_secret(client_config, window=bad)
+                    await clusterkit.rotate_cluster_secret(config, window=bad)
 
             # First half of the window: a newcomer dials with the old secret; everyone knows it.
             n3 = await start(nursery, "n3")
@@ -150,11 +156,7 @@ async def test_a_rotation_keeps_every_handshake_working_and_ends_with_only_the_n
                     await trio.sleep(0.02)
                 assert await routing.call("n4", "test.echo", 4) == 4
                 assert await n4.ck.peers.request(n1.ck.node, "test.echo", 5) == 5
-            stale = clusterkit.ClientConfig(
-                etcd_endpoints=list(etcd.endpoints),
-                etcd_prefix=prefix.rstrip("/"),
-                cluster_secret=old,
-            )
+            stale = client_config(etcd, prefix, cluster_secret=old)
             async with clusterkit.open_client(stale) as outsider:
                 with trio.fail_after(5):
                     while "n4" not in {n.id for n in outsider.get_nodes()}:
@@ -173,16 +175,11 @@ async def test_a_secret_an_earlier_version_kept_inside_the_prefix_is_carried_ove
     assert not layout.secret.startswith(layout.root)  # beside the prefix, not under it
     legacy = b"a" * 64  # what a node of an earlier version stored at P/secret
     await client.put(layout.legacy_secret, legacy)
-    client_config = clusterkit.ClientConfig(
-        etcd_endpoints=list(etcd.endpoints), etcd_prefix=prefix.rstrip("/")
-    )
-    async with clusterkit.open_client(client_config) as early:  # before any new node: reads it
+    config = client_config(etcd, prefix)
+    async with clusterkit.open_client(config) as early:  # before any new node: reads it
         async with trio.open_nursery() as nursery:
             n1 = await start_node(nursery, node_config("n1", etcd.endpoints, prefix))
             assert await _secret(client, layout.secret) == legacy  # copied, not regenerated
-
-            async def echo(payload: object) -> object:
-                return payload
 
             n1.ck.peers.add_handler("test.echo", echo)
             with trio.fail_after(10):
