@@ -178,24 +178,29 @@ class KVNode:
         self.stats["writes"] += 1
         return {"epoch": entry.epoch, "seq": entry.seq}
 
-    def _targets(self, pt: int) -> list[clusterkit.Node]:
+    def _targets(self, pt: int) -> tuple[list[clusterkit.Node], set[str]]:
+        """Where a write of ``pt`` goes: its replicas and joiners in the map, and the nodes
+        pulling it from us (the second result: those only pulling, not in our map)."""
         view = self.ck.view
         ids: set[str] = set()
         if view.map is not None:
             ids.update(view.map.replicas[pt])
             ids.update(view.map.pending.get(pt, ()))
+        pulling_only: set[str] = set()
         now = trio.current_time()
         pulling = self.catchup.get(pt, {})
         for node_id, since in list(pulling.items()):
-            if node_id in ids or now - since < CATCHUP_GRACE:
-                ids.add(node_id)
+            if node_id in ids:
+                continue
+            if now - since < CATCHUP_GRACE:
+                pulling_only.add(node_id)
             else:
                 del pulling[node_id]
-        ids.discard(self.node_id)
-        return [view.nodes[i] for i in sorted(ids) if i in view.nodes]
+        ids = (ids | pulling_only) - {self.node_id}
+        return [view.nodes[i] for i in sorted(ids) if i in view.nodes], pulling_only
 
     async def _replicate(self, pt: int, key: str, entry: Entry) -> None:
-        targets = self._targets(pt)
+        targets, pulling_only = self._targets(pt)
         failed: list[str] = []
         message = {"p": pt, "k": key, "v": entry.value, "e": entry.epoch, "s": entry.seq}
 
@@ -204,6 +209,13 @@ class KVNode:
                 await self.ck.peers.request(
                     node, "kv.replicate", message, timeout=REPLICATE_TIMEOUT
                 )
+            except clusterkit.RemoteError as exc:
+                if exc.remote_type == "NotHeld" and node.id in pulling_only:
+                    # A puller that has since dropped the partition (it moved on before our
+                    # view showed it in the map): it needs no more writes.
+                    self.catchup.get(pt, {}).pop(node.id, None)
+                    return
+                failed.append(f"{node.id}: {exc}")
             except clusterkit.PeerError as exc:
                 failed.append(f"{node.id}: {exc}")
 
