@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
+from typing import Any
 
 import mmh3
 import trio
@@ -39,10 +40,15 @@ from ._config import ENV_ETCD_ENDPOINTS, Config
 from ._core.keys import KeyLayout
 from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView
-from ._errors import LeadershipLost, NotLeader
+from ._errors import ClusterKitError, LeadershipLost, NotLeader
 from ._etcd.client import EtcdClient, open_etcd_client
 from ._etcd.embedded import open_embedded_etcd
+from ._grpc.channel import GrpcPool, TrioChannel
+from ._grpc.health import add_health_service
+from ._grpc.server import GrpcServer
+from ._grpc.tls import channel_tls_credentials, server_tls_credentials
 from ._metrics import health_routes, render_for, serve_metrics
+from ._migration.grpc_transport import add_migration_service
 from ._migration.service import Migration
 from ._peers.keyring import Keyring
 from ._peers.memory import MemoryNetwork
@@ -114,6 +120,10 @@ class ClusterKit:
         """Move partitions between nodes (source, pull); see :class:`Migration`."""
         self.metrics_address: str | None = None
         """``host:port`` of the Prometheus endpoint (``/metrics``), or None when disabled."""
+        self.grpc_server: GrpcServer | None = None
+        """The node's gRPC server (None with ``grpc_server=False``): :meth:`add_grpc_service`."""
+        self.grpc_pool: GrpcPool | None = None
+        """gRPC channels to the nodes (the Go README's ``GRPCPool``); see :meth:`grpc_channel`."""
 
     def __repr__(self) -> str:
         v = self._views.value
@@ -181,6 +191,47 @@ class ClusterKit:
         """Every partition's replicas, preferred leader first."""
         rows = self._views.value.replica_nodes
         return {pt: list(row) for pt, row in enumerate(rows)}
+
+    # -- gRPC ----------------------------------------------------------------------------
+
+    def add_grpc_service(
+        self, add_to_server: Callable[[Any, Any], None], servicer: Any
+    ) -> list[str]:
+        """Serve an app's gRPC service on this node's gRPC port, with Trio handlers.
+
+        ``ck.add_grpc_service(my_pb2_grpc.add_KVServicer_to_server, KV(ck))``: the servicer's
+        methods are Trio ``async def M(self, request, context)`` (a streaming response: an
+        async generator that yields the responses; a streaming request: an async iterator).
+        Calls need the cluster secret (``ck.grpc_channel`` adds it); ``context.abort(code,
+        details)`` ends a call with a status. Handlers run in the node's nursery: they are
+        cancelled when the caller goes away or the node stops.
+
+        Returns:
+            The full method names added.
+
+        Raises:
+            ClusterKitError: this node serves no gRPC (``grpc_server=False``).
+            ValueError: a method is already served.
+        """
+        if self.grpc_server is None:
+            raise ClusterKitError("this node serves no gRPC (grpc_server=False)")
+        return self.grpc_server.add_service(add_to_server, servicer)
+
+    def grpc_channel(self, node: Node | str) -> TrioChannel:
+        """A channel to ``node``'s gRPC server whose stubs are Trio calls.
+
+        ``stub = my_pb2_grpc.KVStub(ck.grpc_channel(ck.get_leader(pt)))``, then
+        ``await stub.Get(request, timeout=2)``. ``node``: a :class:`Node`, a node id, or
+        ``"host:port"``. One channel per address, kept for the node's life; every call
+        carries the cluster secret's credentials.
+
+        Raises:
+            ClusterKitError: this node has no gRPC layer (``grpc_server=False``).
+            PeerUnreachable: the node is unknown or advertises no gRPC address.
+        """
+        if self.grpc_pool is None:
+            raise ClusterKitError("this node has no gRPC layer (grpc_server=False)")
+        return self.grpc_pool.get(node)
 
     def is_healthy(self) -> bool:
         """True while this node has a live session and its watch on etcd is connected."""
@@ -386,9 +437,11 @@ async def _etcd_endpoints(config: Config) -> AsyncIterator[tuple[str, ...]]:
         yield etcd.endpoints
 
 
-def _node_record(config: Config, peer: str) -> Node:
+def _node_record(config: Config, peer: str, grpc_port: int) -> Node:
     host = config.advertise_addr
-    endpoints = {"peer": peer, "grpc": f"{host}:{config.grpc_port}"}
+    endpoints = {"peer": peer}
+    if grpc_port:
+        endpoints["grpc"] = f"{host}:{grpc_port}"
     if config.http_port:
         endpoints["http"] = f"{host}:{config.http_port}"
     return Node(
@@ -513,6 +566,41 @@ async def _start_peers(
     )
 
 
+def _grpc_layer(
+    config: Config, peers: Peers, views: Latest[ClusterView]
+) -> tuple[GrpcServer, GrpcPool]:
+    """The node's gRPC server and its pool of channels, on one loop thread."""
+    server_credentials = channel_credentials = None
+    if config.peer_tls_cert is not None and config.peer_tls_key is not None:
+        server_credentials = server_tls_credentials(
+            config.peer_tls_cert, config.peer_tls_key, config.peer_tls_ca
+        )
+    if config.peer_tls_ca is not None:
+        channel_credentials = channel_tls_credentials(
+            config.peer_tls_ca, config.peer_tls_cert, config.peer_tls_key
+        )
+    server = GrpcServer(
+        node_id=config.node_id,
+        host=config.bind_addr or config.advertise_addr,
+        port=config.grpc_port,
+        secret=peers.secret,
+        credentials=server_credentials,
+        max_message=config.grpc_max_message,
+        max_calls=config.grpc_max_calls,
+        log=config.log,
+    )
+    pool = GrpcPool(
+        server.bridge,
+        caller=config.node_id,
+        secret=lambda: peers.secret,
+        resolve=lambda node: views.value.nodes.get(node) if isinstance(node, str) else node,
+        credentials=channel_credentials,
+        max_message=config.grpc_max_message,
+    )
+    server.pools.append(pool)
+    return server, pool
+
+
 @asynccontextmanager
 async def _open_node(
     config: Config,
@@ -544,7 +632,16 @@ async def _open_node(
                     max_frame=config.peer_max_message,
                     log=config.log,
                 )
-                node = _node_record(config, peers.address)
+                grpc_port = config.grpc_port
+                grpc_server = grpc_pool = None
+                healthy: list[Callable[[], bool]] = [lambda: False]
+                if config.grpc_server and network is None:
+                    grpc_server, grpc_pool = _grpc_layer(config, peers, views)
+                    add_migration_service(grpc_server._add, migration)
+                    add_health_service(grpc_server, lambda: healthy[0]())
+                    migration.grpc = grpc_pool
+                    grpc_port = await nursery.start(grpc_server.run)
+                node = _node_record(config, peers.address, grpc_port)
                 membership = MembershipActor(etcd, config, layout, node, session, receive)
                 liveness = LivenessProbe()
                 await nursery.start(liveness.run)
@@ -585,6 +682,8 @@ async def _open_node(
                 )
                 ck.peers = peers
                 ck.migration = migration
+                ck.grpc_server, ck.grpc_pool = grpc_server, grpc_pool
+                healthy[0] = ck.is_healthy
                 ck._actors = [membership, watcher, rebalancer, partitions, liveness]
                 ck._supervisor = partitions
                 if config.metrics_port is not None:

@@ -278,8 +278,16 @@ class Config:
         http_port: port of the node's own HTTP service, which the application serves
             (clusterkit only advertises it: ``node.http_addr()`` is ``http://host:port``, the
             address a request is redirected to); 0 advertises none. Default 8080.
-        grpc_port: port of the node's gRPC service, advertised as ``node.grpc_addr()``.
-            Default 9000.
+        grpc_port: port of the node's gRPC server, advertised as ``node.grpc_addr()``. The
+            server (``grpc_server``) serves the built-in ``MigrationService``, the standard
+            health service and the app's services (``ck.add_grpc_service``). 0: a free port.
+            Default 9000 (the Go README's; run several nodes on one host with 0 or distinct
+            ports).
+        grpc_server: serve gRPC on ``grpc_port``. False: do not; ``grpc_port`` (if not 0) is
+            only advertised, for an app that runs its own gRPC server there. Default True.
+        grpc_max_message: the largest gRPC message each way, in bytes. Default 4 MiB.
+        grpc_max_calls: gRPC calls served at once; beyond, ``RESOURCE_EXHAUSTED``.
+            Default 256.
         peer_port: port clusterkit's peer endpoint (websocket: ``ck.peers``, migrations,
             routing clients) listens on, advertised as ``node.peer_addr()``. Default 0: a free
             port, found by peers and clients through etcd; set one for firewalls.
@@ -377,6 +385,9 @@ class Config:
     peer_tls_ca: str | None = None
     peer_max_message: int = 16 * 1024 * 1024
     peer_max_pending_handshakes: int = 128
+    grpc_server: bool = True
+    grpc_max_message: int = 4 * 1024 * 1024
+    grpc_max_calls: int = 256
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not valid_node_id(self.node_id):
@@ -397,6 +408,16 @@ class Config:
                 "on peer_port, the application serves http_port (earlier versions served the "
                 "peer endpoint on http_port)",
             )
+        if type(self.grpc_server) is not bool:
+            raise ConfigError("grpc_server", "must be True or False")
+        if self.grpc_server and self.grpc_port and self.grpc_port == self.http_port:
+            raise ConfigError(
+                "grpc_port", "must differ from http_port: clusterkit serves gRPC on grpc_port"
+            )
+        if type(self.grpc_max_message) is not int or not 1024 <= self.grpc_max_message <= 2**30:
+            raise ConfigError("grpc_max_message", "must be an integer from 1024 to 2**30")
+        if type(self.grpc_max_calls) is not int or not 1 <= self.grpc_max_calls <= 65536:
+            raise ConfigError("grpc_max_calls", "must be an integer from 1 to 65536")
         _port("metrics_port", self.metrics_port, allow_none=True)
         for name in ("partitions", "replica_factor"):
             value = getattr(self, name)

@@ -206,7 +206,7 @@ class ClusterNotReady(ClusterKitError):
 
 
 class MigrationError(ClusterKitError):
-    """A partition migration (``ck.migration.pull``) failed."""
+    """A partition migration (``ck.migration.pull`` or ``push``) failed."""
 
 
 class NoMigrationSource(MigrationError):
@@ -220,6 +220,26 @@ class MigrationSourceError(MigrationError):
     Attributes:
         remote_type: the exception class name on the source node (``SourceContractError``
             and ``MalformedBatch`` for contract violations).
+        remote_message: its message.
+    """
+
+    def __init__(self, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+class NoMigrationSink(MigrationError):
+    """The receiving node of a push has no partition sink registered (``ck.migration.sink``)."""
+
+
+class MigrationRefused(MigrationError):
+    """The receiving node of a push refused it or failed to apply it; not retried.
+
+    Attributes:
+        remote_type: ``StaleEpoch`` (the push's epoch is older than the partition's current
+            leader epoch there), ``MalformedBatch``, or the class name of the exception the
+            receiver's sink raised.
         remote_message: its message.
     """
 

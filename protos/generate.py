@@ -12,7 +12,8 @@ Two proto roots are compiled, each by its own in-process run of ``grpc_tools.pro
   itself emits package-absolute imports (``from clusterkit._etcd.pb.mvccpb import kv_pb2``).
   Output lands in ``clusterkit/_etcd/pb/``.
 * ``protos/migration``: clusterkit's own migration schema, compiled from a flat root. Output
-  lands in ``clusterkit/_migration/pb/``. Because the root is flat, the generated
+  lands in ``clusterkit/_migration/pb/``. ``protos/health`` (the standard gRPC health
+  service) is compiled the same way into ``clusterkit/_grpc/pb/``. Because the root is flat, the generated
   ``migration_pb2_grpc.py`` says ``import migration_pb2 as ...``, which only works with the
   output directory on ``sys.path``. This script rewrites that one line to the package-relative
   ``from . import migration_pb2 as ...`` (and fails loudly if protoc's output no longer has the
@@ -65,6 +66,11 @@ ROOTS: tuple[ProtoRoot, ...] = (
         out_dir="clusterkit/_migration/pb",
         generated_tree="clusterkit/_migration/pb",
     ),
+    ProtoRoot(
+        PROTOS_DIR / "health",
+        out_dir="clusterkit/_grpc/pb",
+        generated_tree="clusterkit/_grpc/pb",
+    ),
 )
 
 # (repository-relative file, expected line, replacement): see the module docstring.
@@ -73,6 +79,11 @@ IMPORT_REWRITES: tuple[tuple[str, bytes, bytes], ...] = (
         "clusterkit/_migration/pb/migration_pb2_grpc.py",
         b"import migration_pb2 as migration__pb2\n",
         b"from . import migration_pb2 as migration__pb2\n",
+    ),
+    (
+        "clusterkit/_grpc/pb/health_pb2_grpc.py",
+        b"import health_pb2 as health__pb2\n",
+        b"from . import health_pb2 as health__pb2\n",
     ),
 )
 

@@ -52,11 +52,15 @@ breaks (the puller never sends items, so a receive on the stream ends only that 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
 import math
 import random
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -65,13 +69,17 @@ import trio
 from .._core.records import Node
 from .._errors import (
     MigrationInterrupted,
+    MigrationRefused,
     MigrationSourceError,
+    NoMigrationSink,
     NoMigrationSource,
     PeerUnreachable,
     RemoteError,
 )
+from .._grpc.channel import GrpcPool
 from .._peers.service import Peers
 from .._peers.session import PeerStream
+from . import grpc_transport
 from .wire import (
     _COUNTERS,
     BACKOFF_MAX,
@@ -82,7 +90,10 @@ from .wire import (
     DEFAULT_MAX_RESUMES,
     DEFAULT_STALL_TIMEOUT,
     METHOD,
+    RECEIVE_METHOD,
     Batcher,
+    K,
+    MigrationEntry,
     MigrationProgress,
     ProgressCallback,
     S,
@@ -96,6 +107,8 @@ from .wire import (
     decode_request,
     encode_request,
 )
+
+_MAX_TRANSFERS = 4096  # pushes whose position a receiver remembers
 
 
 class _Pacer:
@@ -140,16 +153,26 @@ class Migration:
         partitions: int,
         max_frame: int,
         log: logging.Logger | None = None,
+        partition_of: Callable[[bytes], int] | None = None,
+        epoch_of: Callable[[int], int | None] | None = None,
     ) -> None:
         self._peers = peers
         self._node_id = node_id
         self._partitions = partitions
         self._max_wire = max_frame - 1024  # room for the frame around the batch
         self._log = log or logging.getLogger("clusterkit")
+        self._partition_of = partition_of
+        self._epoch_of = epoch_of or (lambda partition: None)
         self._source: Source | None = None
+        self._sink: Sink | None = None
         self._serving = 0
         self._stats = dict.fromkeys(_COUNTERS, 0)
+        # The receiver's position in each push it was sent: (partition, transfer) -> (token,
+        # complete), the most recent _MAX_TRANSFERS.
+        self._positions: OrderedDict[tuple[int, str], tuple[bytes, bool]] = OrderedDict()
+        self.grpc: GrpcPool | None = None  # set by the node when it serves gRPC
         peers.add_stream_handler(METHOD, self._serve, _internal=True)
+        peers.add_stream_handler(RECEIVE_METHOD, self._serve_receive, _internal=True)
 
     def __repr__(self) -> str:
         fn = self._source
@@ -157,7 +180,7 @@ class Migration:
         return f"<Migration {self._node_id} source={source} serving={self._serving}>"
 
     def statistics(self) -> dict[str, int]:
-        """Counters: streams and keys served, pulls and their resumes, keys pulled."""
+        """Counters: streams and keys served, pulls and pushes, resumes, keys moved."""
         return {**self._stats, "serving": self._serving}
 
     # -- the source side -----------------------------------------------------------------
@@ -179,45 +202,102 @@ class Migration:
         self._source = fn
         return fn
 
-    async def _serve(self, stream: PeerStream, payload: Any) -> None:
-        """The stream handler: decode the request, stream the batches, report failures."""
-        request = decode_request(payload, self._partitions)  # ValueError aborts the stream
+    def sink(self, fn: K) -> K:
+        """Register the partition sink of this node: where pushes to it are applied.
+
+        Usable as a decorator. ``async def fn(partition, entries)`` is called once per batch
+        a pusher sends (``ck.migration.push`` on another node, or a gRPC client of
+        ``MigrationService.ReceivePartition``); the batch counts as applied when it returns.
+        An exception refuses the push: the pusher gets :class:`MigrationRefused` with its
+        class name and message.
+
+        Returns:
+            ``fn`` itself.
+        """
+        if not callable(fn):
+            raise TypeError("a migration sink must be callable")
+        self._sink = fn
+        return fn
+
+    def _open_batches(
+        self, payload: Any, requester: str
+    ) -> AsyncGenerator[tuple[dict[str, Any], int], None]:
+        """Check a ``StreamRequest`` map; the batches to serve for it (counted as serving).
+
+        Raises:
+            ValueError: an invalid request.
+            NoMigrationSource: no source is registered.
+        """
+        request = decode_request(payload, self._partitions)
         source = self._source
         if source is None:
             raise NoMigrationSource(
                 f"node {self._node_id} has no partition source (ck.migration.source)"
             )
         self._stats["streams_served"] += 1
+        return self._counted(self._batches(source, request, requester))
+
+    async def _counted(
+        self, batches: AsyncGenerator[tuple[dict[str, Any], int], None]
+    ) -> AsyncGenerator[tuple[dict[str, Any], int], None]:
         self._serving += 1
-        error: tuple[str, str] | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_when_aborted, stream, nursery.cancel_scope)
-                try:
-                    await self._stream_partition(stream, source, request)
-                except _PullerGone:
-                    pass
-                except SourceContractError as exc:
-                    error = ("SourceContractError", str(exc))
-                except Exception as exc:
-                    error = (type(exc).__name__, str(exc))
-                nursery.cancel_scope.cancel()
+            async with contextlib.aclosing(batches):
+                async for item in batches:
+                    yield item
         finally:
             self._serving -= 1
+
+    def _source_failed(self, exc: Exception, partition: int, to: str | None) -> tuple[str, str]:
+        """Log and count a failure of this node's source; the (type, message) to send."""
+        kind = "SourceContractError" if isinstance(exc, SourceContractError) else type(exc).__name__
+        self._stats["source_errors"] += 1
+        self._log.warning(
+            "clusterkit %s: migration source for partition %d (to %s) failed: %s: %s",
+            self._node_id,
+            partition,
+            to,
+            kind,
+            exc,
+        )
+        return kind, str(exc)[:1000]
+
+    async def _serve(self, stream: PeerStream, payload: Any) -> None:
+        """The stream handler: decode the request, stream the batches, report failures."""
+        batches = self._open_batches(payload, stream.remote_id)  # errors abort the stream
+        error: tuple[str, str] | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_aborted, stream, nursery.cancel_scope)
+            try:
+                await self._stream_partition(stream, batches)
+            except _PullerGone:
+                pass
+            except Exception as exc:
+                error = self._source_failed(exc, payload.get("partition", -1), stream.remote_id)
+            nursery.cancel_scope.cancel()
         if error is not None:
-            self._stats["source_errors"] += 1
-            self._log.warning(
-                "clusterkit %s: migration source for partition %d (to %s) failed: %s: %s",
-                self._node_id,
-                request.partition,
-                stream.remote_id,
-                *error,
-            )
-            await stream.abort(error[0], error[1][:1000])
+            await stream.abort(*error)
 
     async def _stream_partition(
-        self, stream: PeerStream, source: Source, request: StreamRequest
+        self, stream: PeerStream, batches: AsyncGenerator[tuple[dict[str, Any], int], None]
     ) -> None:
+        async with contextlib.aclosing(batches):
+            async for batch, nbytes in batches:
+                try:
+                    await stream.send(batch)
+                except (RemoteError, PeerUnreachable) as exc:
+                    raise _PullerGone from exc
+                self._count_served(batch, nbytes)
+
+    def _count_served(self, batch: dict[str, Any], nbytes: int) -> None:
+        self._stats["keys_served"] += len(batch["kvs"])
+        self._stats["bytes_served"] += nbytes
+
+    async def _batches(
+        self, source: Source, request: StreamRequest, requester: str
+    ) -> AsyncGenerator[tuple[dict[str, Any], int], None]:
+        """The source's entries for ``request`` as ``(PartitionBatch map, key+value bytes)``,
+        paced by the request's rate limit; the last batch has ``last = true``."""
         batcher = Batcher(
             request.partition,
             request.after,
@@ -229,23 +309,18 @@ class Migration:
         rate = request.rate_limit_bytes_per_second
         bucket = TokenBucket(rate, rate * BURST_SECONDS, trio.current_time()) if rate else None
 
-        async def send(batch: dict[str, Any], nbytes: int) -> None:
+        async def paced(batch: dict[str, Any], nbytes: int) -> tuple[dict[str, Any], int]:
             if bucket is not None:
                 wait = bucket.take(nbytes, trio.current_time())
                 if wait > 0:
                     await trio.sleep(wait)
-            try:
-                await stream.send(batch)
-            except (RemoteError, PeerUnreachable) as exc:
-                raise _PullerGone from exc
-            self._stats["keys_served"] += len(batch["kvs"])
-            self._stats["bytes_served"] += nbytes
+            return batch, nbytes
 
         entries = source(
             SourceRequest(
                 partition=request.partition,
                 after=request.after,
-                requester=stream.remote_id,
+                requester=requester,
                 snapshot_revision=request.snapshot_revision,
                 epoch=request.epoch,
             )
@@ -256,9 +331,9 @@ class Migration:
                 pending = batcher.pending_bytes()
                 batch = batcher.add(entry)
                 if batch is not None:
-                    await send(batch, pending)
+                    yield await paced(batch, pending)
             pending = batcher.pending_bytes()
-            await send(batcher.finish(), pending)
+            yield await paced(batcher.finish(), pending)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
@@ -285,6 +360,7 @@ class Migration:
         timeout: float | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         max_resumes: int = DEFAULT_MAX_RESUMES,
+        transport: str = "peer",
     ) -> MigrationProgress:
         """Copy ``partition`` from ``from_node``'s source into ``sink``, batch by batch.
 
@@ -307,6 +383,8 @@ class Migration:
             stall_timeout: the longest wait to connect or for the next batch before the
                 transfer counts as broken (and is resumed).
             max_resumes: how many times a broken transfer is resumed before giving up.
+            transport: ``"peer"`` (the peer endpoint, websocket) or ``"grpc"`` (the source
+                node's ``MigrationService`` on its gRPC port).
 
         Returns:
             The final progress (``complete=True``).
@@ -319,12 +397,15 @@ class Migration:
             PeerAuthFailed: ``from_node`` does not share the cluster secret.
             ValueError: an invalid argument.
         """
-        _check_pull_args(partition, self._partitions, batch_keys, batch_bytes, max_resumes)
-        for name, rate in (("rate_keys", rate_keys), ("rate_bytes", rate_bytes)):
-            if rate is not None and not rate > 0:
-                raise ValueError(f"{name} must be positive (or None)")
-        if not stall_timeout > 0 or (timeout is not None and not timeout > 0):
-            raise ValueError("timeouts must be positive")
+        _check_transfer_args(
+            partition,
+            self._partitions,
+            batch_keys,
+            batch_bytes,
+            max_resumes,
+            (rate_keys, rate_bytes, stall_timeout, timeout),
+        )
+        self._check_transport(transport)
         self._stats["pulls"] += 1
         started = trio.current_time()
         progress = MigrationProgress(
@@ -349,6 +430,7 @@ class Migration:
                         epoch=epoch,
                         hints=(batch_keys, batch_bytes, int(rate_bytes or 0)),
                         stall=stall_timeout + (batch_bytes / rate_bytes if rate_bytes else 0),
+                        transport=transport,
                     )
                     self._stats["pulls_complete"] += 1
                     return progress
@@ -394,6 +476,7 @@ class Migration:
         epoch: int | None,
         hints: tuple[int, int, int],
         stall: float,
+        transport: str,
     ) -> bytes | None:
         """One stream, until the final batch is applied (returns the last key applied).
 
@@ -413,9 +496,7 @@ class Migration:
         async with AsyncExitStack() as stack:
             try:
                 stream = await stack.enter_async_context(
-                    self._peers.stream(
-                        from_node, METHOD, payload, timeout=min(stall, self._peers.timeout)
-                    )
+                    self._open_pull(from_node, payload, min(stall, self._peers.timeout), transport)
                 )
             except PeerUnreachable as exc:
                 raise _Broken from exc
@@ -445,8 +526,483 @@ class Migration:
                     await stream.end()
                     return last_key
 
+    # -- transports -----------------------------------------------------------------------
 
-async def _receive(stream: PeerStream, stall: float, partition: int, node: Node | str) -> Any:
+    def _check_transport(self, transport: str) -> None:
+        if transport not in ("peer", "grpc"):
+            raise ValueError(f"transport must be 'peer' or 'grpc', not {transport!r}")
+        if transport == "grpc" and self.grpc is None:
+            raise ValueError("transport='grpc' needs the node's gRPC server (grpc_server=True)")
+
+    @contextlib.asynccontextmanager
+    async def _open_pull(
+        self, node: Node | str, payload: dict[str, Any], timeout: float, transport: str
+    ) -> AsyncIterator[Any]:
+        if transport == "grpc":
+            assert self.grpc is not None
+            channel = self.grpc.get(node)
+            async with grpc_transport.open_pull(channel, payload, _name(node), timeout) as s:
+                yield s
+        else:
+            async with self._peers.stream(node, METHOD, payload, timeout=timeout) as stream:
+                yield stream
+
+    # -- the pusher side -----------------------------------------------------------------
+
+    async def push(
+        self,
+        partition: int,
+        to_node: Node | str,
+        source: Source | None = None,
+        *,
+        epoch: int | None = None,
+        batch_keys: int = DEFAULT_BATCH_KEYS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        rate_keys: float | None = None,
+        rate_bytes: float | None = None,
+        snapshot_revision: int | None = None,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        max_resumes: int = DEFAULT_MAX_RESUMES,
+        transport: str = "peer",
+    ) -> MigrationProgress:
+        """Copy ``partition`` from ``source`` into ``to_node``'s sink, batch by batch (push).
+
+        The mirror of :meth:`pull`, for a node that hands data over (a draining owner, a
+        leader seeding a new replica). The receiving node must have registered a sink
+        (:meth:`sink`). A broken transfer resumes where the *receiver* says it stands, so
+        every key reaches its sink once while that node keeps running.
+
+        Args:
+            partition: the partition number.
+            to_node: the receiving node: a :class:`Node`, a node id, or ``"host:port"``.
+            source: the entries, as for :meth:`source` (called again, with ``after``, on a
+                resume); None: this node's registered source.
+            epoch: the fencing epoch this push acts on: the receiver refuses it
+                (:class:`MigrationRefused`, ``StaleEpoch``) if the partition has a newer
+                leader epoch there.
+            batch_keys, batch_bytes, rate_keys, rate_bytes, snapshot_revision, on_progress,
+                timeout, stall_timeout, max_resumes: as for :meth:`pull` (``keys`` and
+                ``bytes`` of the progress count what was sent).
+            transport: ``"peer"`` or ``"grpc"`` (the receiver's ``ReceivePartition``).
+
+        Returns:
+            The final progress (``complete=True``).
+
+        Raises:
+            NoMigrationSource: no ``source`` and none registered.
+            NoMigrationSink: ``to_node`` has no sink registered.
+            MigrationRefused: the receiver refused the push or its sink raised.
+            MigrationSourceError: ``source`` broke the contract (keys not ascending).
+            MigrationInterrupted: as for :meth:`pull`.
+            ValueError: an invalid argument.
+        """
+        _check_transfer_args(
+            partition,
+            self._partitions,
+            batch_keys,
+            batch_bytes,
+            max_resumes,
+            (rate_keys, rate_bytes, stall_timeout, timeout),
+        )
+        self._check_transport(transport)
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            raise ValueError("epoch must be a non-negative integer (or None)")
+        source = source or self._source
+        if source is None:
+            raise NoMigrationSource(f"node {self._node_id} has no partition source to push from")
+        self._stats["pushes"] += 1
+        started = trio.current_time()
+        transfer = f"{self._node_id}/{secrets.token_hex(8)}"
+        progress = MigrationProgress(partition, snapshot_revision=snapshot_revision)
+        pacer = _Pacer(rate_keys, rate_bytes, started)
+        backoff = BACKOFF_MIN
+        deadline = math.inf if timeout is None else started + timeout
+        with trio.move_on_at(deadline):
+            while True:
+                keys_before = progress.keys
+                try:
+                    await self._push_once(
+                        to_node,
+                        source,
+                        progress,
+                        pacer,
+                        transfer,
+                        started,
+                        on_progress,
+                        epoch=epoch,
+                        hints=(batch_keys, batch_bytes),
+                        stall=stall_timeout + (batch_bytes / rate_bytes if rate_bytes else 0),
+                        transport=transport,
+                    )
+                    self._stats["pushes_complete"] += 1
+                    return progress
+                except _Broken as broken:
+                    failure = broken.__cause__ or broken
+                progress.elapsed = trio.current_time() - started
+                if progress.resumes >= max_resumes:
+                    raise MigrationInterrupted(
+                        f"push of partition {partition} to {_name(to_node)} broke "
+                        f"{progress.resumes + 1} times; last: {failure}",
+                        progress=dataclasses.replace(progress),
+                    ) from failure
+                if progress.keys > keys_before:
+                    backoff = BACKOFF_MIN
+                self._log.info(
+                    "clusterkit %s: push of partition %d to %s broke (%s); resuming",
+                    self._node_id,
+                    partition,
+                    _name(to_node),
+                    failure,
+                )
+                await trio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                progress.resumes += 1
+                self._stats["push_resumes"] += 1
+        progress.elapsed = trio.current_time() - started
+        raise MigrationInterrupted(
+            f"push of partition {partition} to {_name(to_node)} did not finish within {timeout}s",
+            progress=dataclasses.replace(progress),
+        )
+
+    async def _push_once(
+        self,
+        to_node: Node | str,
+        source: Source,
+        progress: MigrationProgress,
+        pacer: _Pacer,
+        transfer: str,
+        started: float,
+        on_progress: ProgressCallback | None,
+        *,
+        epoch: int | None,
+        hints: tuple[int, int],
+        stall: float,
+        transport: str,
+    ) -> None:
+        """One stream, from the receiver's position to the receiver's summary.
+
+        Raises:
+            _Broken: the stream broke; resume.
+        """
+        partition = progress.partition
+        name = _name(to_node)
+        try:
+            async with self._open_push(to_node, partition, transfer, epoch, stall, transport) as (
+                position,
+                push,
+            ):
+                token, complete = position
+                if token:
+                    progress.resume_token = token
+                if complete:
+                    progress.complete = True
+                    return
+                request = StreamRequest(
+                    partition=partition,
+                    after=token or None,
+                    snapshot_revision=progress.snapshot_revision,
+                    epoch=epoch,
+                    max_batch_keys=hints[0],
+                    max_batch_bytes=hints[1],
+                    rate_limit_bytes_per_second=0,
+                )
+                batches = self._batches(source, request, name)
+                async with contextlib.aclosing(batches):
+                    try:
+                        async for batch, nbytes in batches:
+                            batch["transfer_id"] = transfer
+                            if epoch is not None:
+                                batch["epoch"] = epoch
+                            await pacer.pace(len(batch["kvs"]), nbytes)
+                            with trio.move_on_after(stall) as waited:
+                                await push.send(batch)
+                            if waited.cancelled_caught:
+                                raise _Broken(f"{name} took no batch in {stall:.1f}s")
+                            progress.keys += len(batch["kvs"])
+                            progress.bytes += nbytes
+                            progress.batches += bool(batch["kvs"])
+                            progress.elapsed = trio.current_time() - started
+                            self._stats["keys_pushed"] += len(batch["kvs"])
+                            self._stats["bytes_pushed"] += nbytes
+                            if on_progress is not None and batch["kvs"]:
+                                result = on_progress(dataclasses.replace(progress))
+                                if inspect.isawaitable(result):
+                                    await result
+                    except SourceContractError as exc:
+                        raise MigrationSourceError("SourceContractError", str(exc)) from None
+                with trio.move_on_after(stall):
+                    summary = await push.finish()
+                    progress.resume_token = summary["last_resume_token"] or progress.resume_token
+                    progress.complete = bool(summary["complete"])
+                    progress.elapsed = trio.current_time() - started
+                    if on_progress is not None:
+                        result = on_progress(dataclasses.replace(progress))
+                        if inspect.isawaitable(result):
+                            await result
+                    return
+                raise _Broken(f"no summary from {name} in {stall:.1f}s")
+        except trio.EndOfChannel:
+            raise _Broken(f"{name} ended the push stream early") from None
+        except PeerUnreachable as exc:
+            raise _Broken from exc
+        except RemoteError as exc:
+            if exc.remote_type in ("NoMigrationSink", "UnknownMethod"):
+                raise NoMigrationSink(f"{name}: {exc.remote_message}") from None
+            raise MigrationRefused(exc.remote_type, exc.remote_message) from None
+
+    @contextlib.asynccontextmanager
+    async def _open_push(
+        self,
+        node: Node | str,
+        partition: int,
+        transfer: str,
+        epoch: int | None,
+        stall: float,
+        transport: str,
+    ) -> AsyncIterator[tuple[tuple[bytes, bool], Any]]:
+        """The receiver's position ``(token, complete)`` and a sender of batches."""
+        if transport == "grpc":
+            assert self.grpc is not None
+            push = grpc_transport.GrpcPush(self.grpc.get(node), _name(node))
+            with trio.move_on_after(stall) as waited:
+                answer = await push.probe(partition, transfer, stall)
+            if waited.cancelled_caught:
+                raise _Broken(f"no answer from {_name(node)} in {stall:.1f}s")
+            try:
+                yield (answer["last_resume_token"], bool(answer["complete"])), push
+            finally:
+                push.abort()
+            return
+        payload: dict[str, Any] = {"partition": partition, "transfer_id": transfer}
+        if epoch is not None:
+            payload["epoch"] = epoch
+        timeout = min(stall, self._peers.timeout)
+        async with self._peers.stream(node, RECEIVE_METHOD, payload, timeout=timeout) as stream:
+            first: Any = None
+            with trio.move_on_after(stall):
+                first = await stream.receive()
+            if first is None:
+                raise _Broken(f"no answer from {_name(node)} in {stall:.1f}s")
+            yield _position(first), _PeerPush(stream)
+
+    # -- the receiver side ---------------------------------------------------------------
+
+    async def _serve_receive(self, stream: PeerStream, payload: Any) -> None:
+        """The peer stream handler of a push: position first, batches in, summary out."""
+        if not isinstance(payload, dict):
+            raise ValueError("a push must open with a map")
+        partition, transfer, epoch = self._check_push(payload)
+        token, complete = self._positions.get((partition, transfer), (b"", False))
+        await stream.send({"last_resume_token": token, "complete": complete})
+
+        async def batches() -> AsyncIterator[dict[str, Any]]:
+            async for item in stream:
+                yield item
+
+        summary = await self._apply_push(partition, transfer, epoch, batches(), stream.remote_id)
+        await stream.send(summary)
+        await stream.end()
+
+    def _check_push(self, first: dict[str, Any]) -> tuple[int, str, int | None]:
+        """The partition, transfer id and epoch a push opens with (RemoteError: refused)."""
+        partition = first.get("partition", 0)
+        transfer = first.get("transfer_id", "")
+        epoch = first.get("epoch")
+        if type(partition) is not int or not 0 <= partition < self._partitions:
+            raise RemoteError("MalformedBatch", f"partition {partition!r} out of range")
+        if type(transfer) is not str or not 0 < len(transfer) <= 256:
+            raise RemoteError("MalformedBatch", "a push needs a transfer_id of 1-256 chars")
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            raise RemoteError("MalformedBatch", "epoch must be a non-negative integer")
+        known = self._epoch_of(partition)
+        if epoch is not None and known is not None and epoch < known:
+            raise RemoteError(
+                "StaleEpoch",
+                f"push of partition {partition} under epoch {epoch}; its leader epoch here "
+                f"is {known}",
+            )
+        if self._sink is None:
+            raise RemoteError(
+                "NoMigrationSink", f"node {self._node_id} has no partition sink (ck.migration.sink)"
+            )
+        return partition, transfer, epoch
+
+    async def _apply_push(
+        self,
+        partition: int,
+        transfer: str,
+        epoch: int | None,
+        batches: AsyncIterator[dict[str, Any]],
+        remote: str,
+    ) -> dict[str, Any]:
+        """Apply a push's batches to the sink, recording the position after each."""
+        sink = self._sink
+        assert sink is not None
+        self._stats["pushes_received"] += 1
+        started = trio.current_time()
+        key = (partition, transfer)
+        token, complete = self._positions.get(key, (b"", False))
+        keys = nbytes = 0
+        last_key: bytes | None = None
+        async for item in batches:
+            if isinstance(item, dict) and item.get("transfer_id", transfer) != transfer:
+                raise RemoteError("MalformedBatch", "a batch of another transfer in this push")
+            try:
+                batch = decode_batch(item, partition, last_key)
+            except MigrationSourceError as exc:
+                raise RemoteError("MalformedBatch", exc.remote_message) from None
+            if batch.entries:
+                try:
+                    await sink(partition, batch.entries)
+                except Exception as exc:
+                    self._log.warning(
+                        "clusterkit %s: migration sink for partition %d (from %s) failed: %r",
+                        self._node_id,
+                        partition,
+                        remote,
+                        exc,
+                    )
+                    raise RemoteError(type(exc).__name__, str(exc)[:1000]) from None
+                last_key = batch.entries[-1].key
+                keys += len(batch.entries)
+                nbytes += batch.nbytes
+                self._stats["keys_received"] += len(batch.entries)
+            token = batch.resume_token or token
+            complete = complete or batch.last
+            self._remember(key, token, complete)
+        return {
+            "partition": partition,
+            "keys": keys,
+            "bytes": nbytes,
+            "elapsed_seconds": trio.current_time() - started,
+            "last_resume_token": token,
+            "complete": complete,
+            "success": True,
+        }
+
+    def _remember(self, key: tuple[int, str], token: bytes, complete: bool) -> None:
+        self._positions[key] = (token, complete)
+        self._positions.move_to_end(key)
+        while len(self._positions) > _MAX_TRANSFERS:
+            self._positions.popitem(last=False)
+
+    async def _receive_grpc(self, requests: AsyncIterator[Any], remote: str) -> dict[str, Any]:
+        """``ReceivePartition``: a batched push (clusterkit's) or one KeyValue per key."""
+        try:
+            message = await anext(aiter(requests))
+        except StopAsyncIteration:
+            return {"success": True}
+        first = grpc_transport.first_batch(message)
+        if first is None:
+            return await self._receive_keys(message, requests, remote)
+        partition, transfer, epoch = self._check_push(first)
+        if first.get("probe"):
+            token, complete = self._positions.get((partition, transfer), (b"", False))
+            return {
+                "partition": partition,
+                "last_resume_token": token,
+                "complete": complete,
+                "success": True,
+            }
+
+        async def batches() -> AsyncIterator[dict[str, Any]]:
+            yield first
+            async for later in requests:
+                batch = grpc_transport.first_batch(later)
+                if batch is None:
+                    raise RemoteError("MalformedBatch", "a plain KeyValue in a batched push")
+                yield batch
+
+        return await self._apply_push(partition, transfer, epoch, batches(), remote)
+
+    async def _receive_keys(
+        self, first: Any, requests: AsyncIterator[Any], remote: str
+    ) -> dict[str, Any]:
+        """A plain client's push: each KeyValue goes to its partition's sink, in runs."""
+        sink = self._sink
+        if sink is None:
+            raise RemoteError(
+                "NoMigrationSink", f"node {self._node_id} has no partition sink (ck.migration.sink)"
+            )
+        started = trio.current_time()
+        run: list[MigrationEntry] = []
+        run_partition = -1
+        keys = nbytes = 0
+
+        async def flush() -> None:
+            if run:
+                try:
+                    await sink(run_partition, list(run))
+                except Exception as exc:
+                    raise RemoteError(type(exc).__name__, str(exc)[:1000]) from None
+                run.clear()
+
+        async def messages() -> AsyncIterator[Any]:
+            yield first
+            async for later in requests:
+                yield later
+
+        async for message in messages():
+            fields = grpc_transport.entry_fields(message)
+            key, value = fields.get("key", b""), fields.get("value", b"")
+            if not key or "batch" in fields:
+                raise RemoteError("MalformedBatch", "a per-key push needs a key in every message")
+            partition = fields.get("partition")
+            if partition is None:
+                if self._partition_of is None:
+                    raise RemoteError("MalformedBatch", "set KeyValue.partition")
+                partition = self._partition_of(key)
+            if not 0 <= partition < self._partitions:
+                raise RemoteError("MalformedBatch", f"partition {partition} out of range")
+            if partition != run_partition or len(run) >= DEFAULT_BATCH_KEYS:
+                await flush()
+                run_partition = partition
+            run.append(MigrationEntry(key, value, fields.get("version"), fields.get("epoch")))
+            keys += 1
+            nbytes += len(key) + len(value)
+        await flush()
+        self._stats["keys_received"] += keys
+        return {
+            "partition": max(run_partition, 0),
+            "keys": keys,
+            "bytes": nbytes,
+            "elapsed_seconds": trio.current_time() - started,
+            "complete": True,
+            "success": True,
+        }
+
+
+class _PeerPush:
+    """The pusher's end of a push over a peer stream."""
+
+    def __init__(self, stream: PeerStream) -> None:
+        self._stream = stream
+
+    async def send(self, batch: dict[str, Any]) -> None:
+        await self._stream.send(batch)
+
+    async def finish(self) -> dict[str, Any]:
+        await self._stream.end()
+        summary = await self._stream.receive()
+        if not isinstance(summary, dict):
+            raise RemoteError("MalformedBatch", "the push summary must be a map")
+        token, complete = _position(summary)
+        return {**summary, "last_resume_token": token, "complete": complete}
+
+
+def _position(answer: Any) -> tuple[bytes, bool]:
+    if not isinstance(answer, dict):
+        raise RemoteError("MalformedBatch", "the receiver's position must be a map")
+    token = answer.get("last_resume_token", b"")
+    complete = answer.get("complete", False)
+    if type(token) is not bytes or type(complete) is not bool:
+        raise RemoteError("MalformedBatch", "the receiver's position is malformed")
+    return token, complete
+
+
+async def _receive(stream: Any, stall: float, partition: int, node: Node | str) -> Any:
     """The next batch off ``stream``; source errors typed, breaks as :class:`_Broken`."""
     with trio.move_on_after(stall):
         try:
@@ -480,8 +1036,13 @@ async def _cancel_when_aborted(stream: PeerStream, scope: trio.CancelScope) -> N
         scope.cancel()
 
 
-def _check_pull_args(
-    partition: int, partitions: int, batch_keys: int, batch_bytes: int, max_resumes: int
+def _check_transfer_args(
+    partition: int,
+    partitions: int,
+    batch_keys: int,
+    batch_bytes: int,
+    max_resumes: int,
+    limits: tuple[float | None, float | None, float, float | None],
 ) -> None:
     if type(partition) is not int or not 0 <= partition < partitions:
         raise ValueError(f"partition {partition!r} is not in range({partitions})")
@@ -491,6 +1052,12 @@ def _check_pull_args(
         raise ValueError("batch_bytes must be a positive integer")
     if type(max_resumes) is not int or max_resumes < 0:
         raise ValueError("max_resumes must be a non-negative integer")
+    rate_keys, rate_bytes, stall_timeout, timeout = limits
+    for name, rate in (("rate_keys", rate_keys), ("rate_bytes", rate_bytes)):
+        if rate is not None and not rate > 0:
+            raise ValueError(f"{name} must be positive (or None)")
+    if not stall_timeout > 0 or (timeout is not None and not timeout > 0):
+        raise ValueError("timeouts must be positive")
 
 
 def _name(node: Node | str) -> str:

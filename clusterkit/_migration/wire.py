@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from .._errors import MigrationSourceError
 
 METHOD = "clusterkit.migration.stream_partition"
+RECEIVE_METHOD = "clusterkit.migration.receive_partition"
 DEFAULT_BATCH_KEYS = 1000
 DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_STALL_TIMEOUT = 30.0
@@ -34,6 +35,13 @@ _COUNTERS = (
     "pull_resumes",
     "keys_pulled",
     "bytes_pulled",
+    "pushes",
+    "pushes_complete",
+    "push_resumes",
+    "keys_pushed",
+    "bytes_pushed",
+    "pushes_received",
+    "keys_received",
 )
 
 
@@ -112,6 +120,7 @@ Sink = Callable[[int, list[MigrationEntry]], Awaitable[None]]
 ProgressCallback = Callable[[MigrationProgress], Awaitable[None] | None]
 
 S = TypeVar("S", bound=Source)
+K = TypeVar("K", bound=Sink)
 
 
 # -- the pure core: token bucket, msgpack mapping, batcher ----------------------------------

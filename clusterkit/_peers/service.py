@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from .._core.records import Node
 from .._errors import PeerUnreachable
+from .keyring import Keyring
 from .session import Handler, PeerStream, StreamHandler
 from .transport import PeerPool
 
@@ -53,6 +54,11 @@ class Peers:
 
     def __repr__(self) -> str:
         return f"<Peers at {self.address} handlers={sorted(self.handlers)}>"
+
+    @property
+    def secret(self) -> bytes | Keyring:
+        """The cluster secret (or keyring) this node authenticates with: never log it."""
+        return self._pool._secret
 
     async def aclose(self) -> None:
         """Close every outgoing connection (the node is leaving)."""

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\x17\x63lusterkit.migration.v1\"\xeb\x01\n\x16StreamPartitionRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x14\n\x0cresume_after\x18\x02 \x01(\x0c\x12\x1e\n\x11snapshot_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_batch_keys\x18\x05 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x06 \x01(\x04\x12#\n\x1brate_limit_bytes_per_second\x18\x07 \x01(\x04\x42\x14\n\x12_snapshot_revisionB\x08\n\x06_epoch\"f\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x14\n\x07version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\n\n\x08_versionB\x08\n\x06_epoch\"\x9a\x02\n\x0ePartitionBatch\x12\x11\n\tpartition\x18\x01 \x01(\r\x12.\n\x03kvs\x18\x02 \x03(\x0b\x32!.clusterkit.migration.v1.KeyValue\x12\x14\n\x0cresume_token\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x11\n\tkeys_sent\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x17\n\nkeys_total\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x1e\n\x11snapshot_revision\x18\t \x01(\x03H\x02\x88\x01\x01\x42\r\n\x0b_keys_totalB\x08\n\x06_epochB\x14\n\x12_snapshot_revision\"\x86\x01\n\x0eReceiveSummary\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\x12\x19\n\x11last_resume_token\x18\x05 \x01(\x0c\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x32\xe2\x01\n\tMigration\x12m\n\x0fStreamPartition\x12/.clusterkit.migration.v1.StreamPartitionRequest\x1a\'.clusterkit.migration.v1.PartitionBatch0\x01\x12\x66\n\x10ReceivePartition\x12\'.clusterkit.migration.v1.PartitionBatch\x1a\'.clusterkit.migration.v1.ReceiveSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\x17\x63lusterkit.migration.v1\"\xf3\x01\n\rStreamRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x14\n\x0cresume_after\x18\x02 \x01(\x0c\x12\x1e\n\x11snapshot_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_batch_keys\x18\x05 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x06 \x01(\x04\x12#\n\x1brate_limit_bytes_per_second\x18\x07 \x01(\x04\x12\x0f\n\x07\x62\x61tched\x18\x08 \x01(\x08\x42\x14\n\x12_snapshot_revisionB\x08\n\x06_epoch\"\xc4\x01\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x14\n\x07version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x36\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\'.clusterkit.migration.v1.PartitionBatch\x12\x16\n\tpartition\x18\x06 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_versionB\x08\n\x06_epochB\x0c\n\n_partition\"\xbe\x02\n\x0ePartitionBatch\x12\x11\n\tpartition\x18\x01 \x01(\r\x12.\n\x03kvs\x18\x02 \x03(\x0b\x32!.clusterkit.migration.v1.KeyValue\x12\x14\n\x0cresume_token\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x11\n\tkeys_sent\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x17\n\nkeys_total\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05\x65poch\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x1e\n\x11snapshot_revision\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x13\n\x0btransfer_id\x18\n \x01(\t\x12\r\n\x05probe\x18\x0b \x01(\x08\x42\r\n\x0b_keys_totalB\x08\n\x06_epochB\x14\n\x12_snapshot_revision\"\x9a\x01\n\x11MigrationResponse\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\x12\x19\n\x11last_resume_token\x18\x05 \x01(\x0c\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x0f\n\x07success\x18\x07 \x01(\x08\x32\xd7\x01\n\x10MigrationService\x12^\n\x0fStreamPartition\x12&.clusterkit.migration.v1.StreamRequest\x1a!.clusterkit.migration.v1.KeyValue0\x01\x12\x63\n\x10ReceivePartition\x12!.clusterkit.migration.v1.KeyValue\x1a*.clusterkit.migration.v1.MigrationResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAMPARTITIONREQUEST']._serialized_start=45
-  _globals['_STREAMPARTITIONREQUEST']._serialized_end=280
-  _globals['_KEYVALUE']._serialized_start=282
-  _globals['_KEYVALUE']._serialized_end=384
-  _globals['_PARTITIONBATCH']._serialized_start=387
-  _globals['_PARTITIONBATCH']._serialized_end=669
-  _globals['_RECEIVESUMMARY']._serialized_start=672
-  _globals['_RECEIVESUMMARY']._serialized_end=806
-  _globals['_MIGRATION']._serialized_start=809
-  _globals['_MIGRATION']._serialized_end=1035
+  _globals['_STREAMREQUEST']._serialized_start=45
+  _globals['_STREAMREQUEST']._serialized_end=288
+  _globals['_KEYVALUE']._serialized_start=291
+  _globals['_KEYVALUE']._serialized_end=487
+  _globals['_PARTITIONBATCH']._serialized_start=490
+  _globals['_PARTITIONBATCH']._serialized_end=808
+  _globals['_MIGRATIONRESPONSE']._serialized_start=811
+  _globals['_MIGRATIONRESPONSE']._serialized_end=965
+  _globals['_MIGRATIONSERVICE']._serialized_start=968
+  _globals['_MIGRATIONSERVICE']._serialized_end=1183
 # @@protoc_insertion_point(module_scope)

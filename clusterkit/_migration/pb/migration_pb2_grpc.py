@@ -25,9 +25,9 @@ if _version_not_supported:
     )
 
 
-class MigrationStub:
-    """Migration moves a partition's keys between nodes, by pull (StreamPartition) or by push
-    (ReceivePartition).
+class MigrationServiceStub:
+    """MigrationService moves a partition's keys between nodes, by pull (StreamPartition) or by
+    push (ReceivePartition). clusterkit nodes serve it on their gRPC port (node.grpc_addr()).
     """
 
     def __init__(self, channel):
@@ -37,25 +37,25 @@ class MigrationStub:
             channel: A grpc.Channel.
         """
         self.StreamPartition = channel.unary_stream(
-                '/clusterkit.migration.v1.Migration/StreamPartition',
-                request_serializer=migration__pb2.StreamPartitionRequest.SerializeToString,
-                response_deserializer=migration__pb2.PartitionBatch.FromString,
+                '/clusterkit.migration.v1.MigrationService/StreamPartition',
+                request_serializer=migration__pb2.StreamRequest.SerializeToString,
+                response_deserializer=migration__pb2.KeyValue.FromString,
                 _registered_method=True)
         self.ReceivePartition = channel.stream_unary(
-                '/clusterkit.migration.v1.Migration/ReceivePartition',
-                request_serializer=migration__pb2.PartitionBatch.SerializeToString,
-                response_deserializer=migration__pb2.ReceiveSummary.FromString,
+                '/clusterkit.migration.v1.MigrationService/ReceivePartition',
+                request_serializer=migration__pb2.KeyValue.SerializeToString,
+                response_deserializer=migration__pb2.MigrationResponse.FromString,
                 _registered_method=True)
 
 
-class MigrationServicer:
-    """Migration moves a partition's keys between nodes, by pull (StreamPartition) or by push
-    (ReceivePartition).
+class MigrationServiceServicer:
+    """MigrationService moves a partition's keys between nodes, by pull (StreamPartition) or by
+    push (ReceivePartition). clusterkit nodes serve it on their gRPC port (node.grpc_addr()).
     """
 
     def StreamPartition(self, request, context):
         """StreamPartition (pull): the caller asks the node that holds a partition to stream its
-        keys, starting after StreamPartitionRequest.resume_after. The stream ends after the batch
+        keys, starting after StreamRequest.resume_after. The stream ends after the batch
         with last = true. The server fails the call with FAILED_PRECONDITION if the requested
         epoch or snapshot revision no longer matches its view of the partition.
         """
@@ -66,37 +66,37 @@ class MigrationServicer:
     def ReceivePartition(self, request_iterator, context):
         """ReceivePartition (push): the caller writes a partition's batches to the node that is to
         hold it, and closes the stream after the batch with last = true (or earlier, to pause: the
-        summary's last_resume_token tells where to resume). The server answers with one summary
-        of what it applied.
+        response's last_resume_token tells where to resume). The server answers with one
+        MigrationResponse: what it applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_MigrationServicer_to_server(servicer, server):
+def add_MigrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'StreamPartition': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamPartition,
-                    request_deserializer=migration__pb2.StreamPartitionRequest.FromString,
-                    response_serializer=migration__pb2.PartitionBatch.SerializeToString,
+                    request_deserializer=migration__pb2.StreamRequest.FromString,
+                    response_serializer=migration__pb2.KeyValue.SerializeToString,
             ),
             'ReceivePartition': grpc.stream_unary_rpc_method_handler(
                     servicer.ReceivePartition,
-                    request_deserializer=migration__pb2.PartitionBatch.FromString,
-                    response_serializer=migration__pb2.ReceiveSummary.SerializeToString,
+                    request_deserializer=migration__pb2.KeyValue.FromString,
+                    response_serializer=migration__pb2.MigrationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'clusterkit.migration.v1.Migration', rpc_method_handlers)
+            'clusterkit.migration.v1.MigrationService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('clusterkit.migration.v1.Migration', rpc_method_handlers)
+    server.add_registered_method_handlers('clusterkit.migration.v1.MigrationService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Migration:
-    """Migration moves a partition's keys between nodes, by pull (StreamPartition) or by push
-    (ReceivePartition).
+class MigrationService:
+    """MigrationService moves a partition's keys between nodes, by pull (StreamPartition) or by
+    push (ReceivePartition). clusterkit nodes serve it on their gRPC port (node.grpc_addr()).
     """
 
     @staticmethod
@@ -113,9 +113,9 @@ class Migration:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/clusterkit.migration.v1.Migration/StreamPartition',
-            migration__pb2.StreamPartitionRequest.SerializeToString,
-            migration__pb2.PartitionBatch.FromString,
+            '/clusterkit.migration.v1.MigrationService/StreamPartition',
+            migration__pb2.StreamRequest.SerializeToString,
+            migration__pb2.KeyValue.FromString,
             options,
             channel_credentials,
             insecure,
@@ -140,9 +140,9 @@ class Migration:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/clusterkit.migration.v1.Migration/ReceivePartition',
-            migration__pb2.PartitionBatch.SerializeToString,
-            migration__pb2.ReceiveSummary.FromString,
+            '/clusterkit.migration.v1.MigrationService/ReceivePartition',
+            migration__pb2.KeyValue.SerializeToString,
+            migration__pb2.MigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,

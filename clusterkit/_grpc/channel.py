@@ -1,0 +1,353 @@
+"""Trio-callable gRPC channels to the nodes (the Go README's ``GRPCPool``): ``ck.grpc_channel``.
+
+Theory of operation
+-------------------
+:class:`TrioChannel` quacks like a grpcio channel for the ``XStub`` classes protoc generates
+(``unary_unary``, ``unary_stream``, ``stream_unary``, ``stream_stream``), so
+``XStub(ck.grpc_channel(node))`` gives stubs whose methods are Trio ``async`` calls. Behind it
+is a ``grpc.aio`` channel on the node's gRPC loop (the :class:`AioBridge` the server uses);
+every step of a call is one :func:`run_on_loop` round trip, so cancelling the Trio task cancels
+the RPC (as the etcd calls do). Each call carries the ``x-clusterkit-auth`` token of
+``auth.py``, made with the secret the node dials with (rotations apply at once).
+
+:class:`GrpcPool` keeps one channel per target (``host:port``) for the node's life: gRPC
+channels reconnect by themselves, so a node that comes back at the same address is reached
+again without a new channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import trio
+
+from .._core.records import Node
+from .._errors import PeerUnreachable
+from .._etcd.bridge import AioBridge
+from .._peers.keyring import Keyring, as_keyring
+from .auth import HEADER, make_token
+from .loop import run_on_loop
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class TrioChannel:
+    """A gRPC channel to one node whose stubs' methods are Trio ``async`` calls.
+
+    Use it where grpcio takes a channel: ``stub = my_pb2_grpc.MyStub(channel)``; then
+    ``await stub.Get(request, timeout=5)``, ``async for reply in stub.Watch(request)``,
+    ``await stub.Upload(async_iterable_of_requests)``; a bidirectional method returns a
+    :class:`BidiCall` (``write``, ``done_writing``, ``async for``). Errors are grpcio's
+    ``grpc.RpcError`` (``.code()``, ``.details()``).
+    """
+
+    def __init__(
+        self,
+        bridge: AioBridge,
+        target: str,
+        *,
+        caller: str,
+        secret: bytes | Keyring | None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message: int = 4 * 1024 * 1024,
+        default_timeout: float | None = None,
+    ) -> None:
+        self.target = target
+        self._bridge = bridge
+        self._caller = caller
+        self._secret = secret
+        self._credentials = credentials
+        self._max_message = max_message
+        self._default_timeout = default_timeout
+        self._channel: Any = None  # created on the loop at first use
+
+    def __repr__(self) -> str:
+        return f"<TrioChannel {self.target}>"
+
+    def _aio(self) -> Any:  # loop thread
+        if self._channel is None:
+            options = [
+                ("grpc.max_receive_message_length", self._max_message),
+                ("grpc.max_send_message_length", self._max_message),
+            ]
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=options
+                )
+        return self._channel
+
+    def _metadata(self, method: str, metadata: Metadata | None) -> Metadata:
+        extra: Metadata = tuple(metadata or ())
+        if self._secret is None:
+            return extra
+        token = make_token(as_keyring(self._secret).dialing(), method, self._caller)
+        return ((HEADER, token), *extra)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self._default_timeout if timeout is None else timeout
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        **_: Any,
+    ) -> Callable[..., Any]:
+        async def call(
+            request: Any, *, timeout: float | None = None, metadata: Metadata | None = None
+        ) -> Any:
+            md = self._metadata(method, metadata)
+            return await run_on_loop(
+                self._bridge,
+                lambda: self._aio().unary_unary(
+                    method,
+                    request_serializer=request_serializer,
+                    response_deserializer=response_deserializer,
+                )(request, timeout=self._timeout(timeout), metadata=md),
+            )
+
+        return call
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        **_: Any,
+    ) -> Callable[..., Any]:
+        def call(
+            request: Any, *, timeout: float | None = None, metadata: Metadata | None = None
+        ) -> ResponseStream:
+            md = self._metadata(method, metadata)
+
+            def start() -> Any:
+                return self._aio().unary_stream(
+                    method,
+                    request_serializer=request_serializer,
+                    response_deserializer=response_deserializer,
+                )(request, timeout=self._timeout(timeout), metadata=md)
+
+            return ResponseStream(self._bridge, start)
+
+        return call
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        **_: Any,
+    ) -> Callable[..., Any]:
+        async def call(
+            requests: AsyncIterable[Any],
+            *,
+            timeout: float | None = None,
+            metadata: Metadata | None = None,
+        ) -> Any:
+            bidi = self.open_stream_unary(
+                method,
+                request_serializer=request_serializer,
+                response_deserializer=response_deserializer,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            async with bidi:
+                async for request in requests:
+                    await bidi.write(request)
+                await bidi.done_writing()
+                return await bidi.response()
+
+        return call
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        **_: Any,
+    ) -> Callable[..., Any]:
+        def call(
+            requests: None = None, *, timeout: float | None = None, metadata: Metadata | None = None
+        ) -> BidiCall:
+            if requests is not None:
+                raise TypeError("a bidirectional call takes no iterator: use call.write(...)")
+            md = self._metadata(method, metadata)
+            return BidiCall(
+                self._bridge,
+                lambda: self._aio().stream_stream(
+                    method,
+                    request_serializer=request_serializer,
+                    response_deserializer=response_deserializer,
+                )(timeout=self._timeout(timeout), metadata=md),
+            )
+
+        return call
+
+    def open_stream_unary(
+        self,
+        method: str,
+        *,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> BidiCall:
+        """A client-streaming call to write to step by step (``write``, ``done_writing``,
+        ``response``), where a stub's method would take the whole request iterator."""
+        md = self._metadata(method, metadata)
+        return BidiCall(
+            self._bridge,
+            lambda: self._aio().stream_unary(
+                method,
+                request_serializer=request_serializer,
+                response_deserializer=response_deserializer,
+            )(timeout=self._timeout(timeout), metadata=md),
+        )
+
+    async def aclose(self) -> None:
+        """Close the channel (calls on it end with ``CANCELLED``)."""
+        channel, self._channel = self._channel, None
+        if channel is not None and not self._bridge.closed:
+            with contextlib.suppress(Exception):
+                await run_on_loop(self._bridge, lambda: channel.close())
+
+
+class _Call:
+    """A streaming call, started lazily on the loop; cancelled if a step is cancelled."""
+
+    def __init__(self, bridge: AioBridge, start: Callable[[], Any]) -> None:
+        self._bridge = bridge
+        self._start = start
+        self._call: Any = None
+        self._ended = False
+
+    async def _loop_call(self) -> Any:
+        if self._call is None:
+            self._call = await run_on_loop(self._bridge, self._started)
+        return self._call
+
+    async def _started(self) -> Any:
+        return self._start()
+
+    async def _step(self, step: Callable[[Any], Any]) -> Any:
+        call = await self._loop_call()
+        try:
+            return await run_on_loop(self._bridge, lambda: step(call))
+        except trio.Cancelled:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the RPC (no-op once it ended)."""
+        call = self._call
+        if call is not None and not self._bridge.closed:
+            self._bridge.submit(call.cancel, urgent=True)
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    async def read(self) -> Any:
+        """The next response; ``grpc.aio.EOF`` after the last."""
+        return await self._step(lambda call: call.read())
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        try:
+            while (message := await self.read()) is not grpc.aio.EOF:
+                yield message
+        finally:
+            self.cancel()
+
+
+class ResponseStream(_Call):
+    """A server-streaming call: ``async for reply in stub.Method(request)``."""
+
+
+class BidiCall(_Call):
+    """A call with a request stream: ``await call.write(m)``, ``await call.done_writing()``,
+    then ``async for reply in call`` (or ``await call.response()`` for a single response)."""
+
+    async def write(self, message: Any) -> None:
+        """Send one request message (waits under gRPC flow control)."""
+        await self._step(lambda call: call.write(message))
+
+    async def done_writing(self) -> None:
+        """Half-close: no more requests."""
+        await self._step(lambda call: call.done_writing())
+
+    async def response(self) -> Any:
+        """The single response of a client-streaming call."""
+        return await self._step(_await_call)
+
+
+async def _await_call(call: Any) -> Any:
+    return await call
+
+
+class GrpcPool:
+    """One :class:`TrioChannel` per node address, for the node's (or client's) life."""
+
+    def __init__(
+        self,
+        bridge: AioBridge,
+        *,
+        caller: str,
+        secret: Callable[[], bytes | Keyring | None],
+        resolve: Callable[[Node | str], Node | None],
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message: int = 4 * 1024 * 1024,
+    ) -> None:
+        self._bridge = bridge
+        self._caller = caller
+        self._secret = secret
+        self._resolve = resolve
+        self._credentials = credentials
+        self._max_message = max_message
+        self._channels: dict[str, TrioChannel] = {}
+
+    def get(self, node: Node | str) -> TrioChannel:
+        """The channel to ``node`` (a :class:`Node`, a node id, or ``"host:port"``).
+
+        Raises:
+            PeerUnreachable: the node is not known or advertises no gRPC address.
+        """
+        target = node.grpc_addr() if isinstance(node, Node) else None
+        if target is None:
+            assert isinstance(node, str)
+            known = self._resolve(node)
+            if known is not None:
+                target = known.grpc_addr()
+            elif ":" in node:
+                target = node
+            else:
+                raise PeerUnreachable(f"no node {node!r} in the cluster view")
+        if not target:
+            raise PeerUnreachable(f"node {node!r} advertises no gRPC address")
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = TrioChannel(
+                self._bridge,
+                target,
+                caller=self._caller,
+                secret=self._secret(),
+                credentials=self._credentials,
+                max_message=self._max_message,
+            )
+        return channel
+
+    async def aclose(self) -> None:
+        """Close every channel."""
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.aclose()
