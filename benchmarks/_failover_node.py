@@ -49,6 +49,7 @@ async def main() -> None:
         session_ttl=args.session_ttl,
         rebalance_delay=args.rebalance_delay,
         metrics_port=None,
+        grpc_port=0,
     )
     with trio.move_on_after(args.max_seconds):
         async with clusterkit.open_cluster(cfg) as ck:

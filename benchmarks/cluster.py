@@ -31,6 +31,7 @@ async def measure(partitions: int, delay: float) -> tuple[float, int, int]:
                     partitions=partitions,
                     rebalance_delay=delay,
                     metrics_port=None,
+                    grpc_port=0,
                 )
                 async with clusterkit.open_cluster(cfg) as ck:
                     cks[name] = ck

@@ -97,6 +97,7 @@ def node_config(
         "session_ttl": 10.0,
         "rebalance_delay": DELAY,
         "metrics_port": None,
+        "grpc_port": 0,
     }
     settings.update(overrides)
     return clusterkit.Config(**settings)

@@ -153,6 +153,7 @@ async def main() -> None:
                 replica_factor=2,
                 rebalance_delay=0.2,
                 metrics_port=None,
+                grpc_port=0,
             )
             async with clusterkit.open_cluster(config) as ck:
                 cks[name] = ck

@@ -43,6 +43,7 @@ async def main() -> None:
                     partitions=P,
                     rebalance_delay=0.1,
                     metrics_port=None,
+                    grpc_port=0,
                 )
                 async with clusterkit.open_cluster(cfg) as ck:
                     cks.append(ck)

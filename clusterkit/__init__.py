@@ -27,8 +27,10 @@ from ._errors import (
     LeaseNotFound,
     MigrationError,
     MigrationInterrupted,
+    MigrationRefused,
     MigrationSourceError,
     NodeIdConflict,
+    NoMigrationSink,
     NoMigrationSource,
     NotLeader,
     PeerAuthFailed,
@@ -55,6 +57,8 @@ from ._events import (
     ReplicaAdded,
     ReplicaRemoved,
 )
+from ._grpc.channel import GrpcPool, TrioChannel
+from ._grpc.server import GrpcContext, GrpcServer
 from ._migration.service import Migration
 from ._migration.wire import MigrationEntry, MigrationProgress, SourceRequest
 from ._peers.service import Peers
@@ -80,6 +84,9 @@ __all__ = [
     "EtcdTimeout",
     "EtcdUnavailable",
     "EventStreamOverflow",
+    "GrpcContext",
+    "GrpcPool",
+    "GrpcServer",
     "InvalidAuthToken",
     "InvalidRequest",
     "LeaderElected",
@@ -91,7 +98,9 @@ __all__ = [
     "MigrationError",
     "MigrationInterrupted",
     "MigrationProgress",
+    "MigrationRefused",
     "MigrationSourceError",
+    "NoMigrationSink",
     "NoMigrationSource",
     "Node",
     "NodeIdConflict",
@@ -114,6 +123,7 @@ __all__ = [
     "RoutingClient",
     "SecretRotationError",
     "SourceRequest",
+    "TrioChannel",
     "WatchOverflow",
     "open_client",
     "open_cluster",

@@ -37,6 +37,7 @@ from ._actors.rebalancer import RebalancerActor
 from ._actors.watcher import WatcherActor
 from ._boundary import reraise
 from ._config import ENV_ETCD_ENDPOINTS, Config
+from ._core.hashing import partition_for
 from ._core.keys import KeyLayout
 from ._core.records import Node
 from ._core.view import EMPTY_VIEW, ClusterView
@@ -631,6 +632,7 @@ async def _open_node(
                     partitions=config.partitions,
                     max_frame=config.peer_max_message,
                     log=config.log,
+                    partition_of=partial(partition_for, partitions=config.partitions),
                 )
                 grpc_port = config.grpc_port
                 grpc_server = grpc_pool = None
@@ -684,6 +686,7 @@ async def _open_node(
                 ck.migration = migration
                 ck.grpc_server, ck.grpc_pool = grpc_server, grpc_pool
                 healthy[0] = ck.is_healthy
+                migration._epoch_of = ck.leader_epoch
                 ck._actors = [membership, watcher, rebalancer, partitions, liveness]
                 ck._supervisor = partitions
                 if config.metrics_port is not None:

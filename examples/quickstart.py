@@ -28,6 +28,7 @@ def config(node_id: str, endpoints: tuple[str, ...]) -> clusterkit.Config:
         session_ttl=3.0,
         rebalance_delay=0.5,  # production default: 5 s of quiet before partitions move
         metrics_port=None,
+        grpc_port=0,
     )
 
 

@@ -38,6 +38,7 @@ def node_config(
         "session_ttl": 2.0,
         "rebalance_delay": 0.2,
         "metrics_port": None,
+        "grpc_port": 0,
     }
     settings.update(overrides)
     return clusterkit.Config(**settings)

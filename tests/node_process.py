@@ -109,6 +109,7 @@ async def main(args: argparse.Namespace) -> None:
         etcd_prefix=args.prefix.rstrip("/"),
         http_port=0,
         metrics_port=None,
+        grpc_port=0,
         partitions=args.partitions,
         replica_factor=args.replica_factor,
         session_ttl=args.session_ttl,

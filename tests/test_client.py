@@ -435,7 +435,9 @@ async def test_bad_config_and_unreachable_etcd(etcd: clusterkit.EmbeddedEtcd) ->
         clusterkit.ClientConfig(etcd_endpoints=etcd.endpoints, cache_ttl=math.inf)
     with pytest.raises(clusterkit.ConfigError):
         clusterkit.ClientConfig(etcd_endpoints=etcd.endpoints, cluster_secret="short")
-    node_cfg = clusterkit.Config(node_id="a", etcd_endpoints=etcd.endpoints, metrics_port=None)
+    node_cfg = clusterkit.Config(
+        node_id="a", etcd_endpoints=etcd.endpoints, metrics_port=None, grpc_port=0
+    )
     with pytest.raises(TypeError):
         async with clusterkit.open_client(node_cfg):  # type: ignore[arg-type]
             pass

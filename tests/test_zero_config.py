@@ -24,6 +24,7 @@ def zero_config(node_id: str, **overrides: Any) -> clusterkit.Config:
         "node_id": node_id,
         "http_port": 0,
         "metrics_port": None,
+        "grpc_port": 0,
         "partitions": 16,
         "session_ttl": 2.0,
         "rebalance_delay": 0.2,

@@ -279,8 +279,22 @@ class BidiCall(_Call):
     then ``async for reply in call`` (or ``await call.response()`` for a single response)."""
 
     async def write(self, message: Any) -> None:
-        """Send one request message (waits under gRPC flow control)."""
-        await self._step(lambda call: call.write(message))
+        """Send one request message (waits under gRPC flow control).
+
+        Raises:
+            grpc.RpcError: the call has ended (with its status: the server may have
+                answered before reading every request).
+        """
+        try:
+            await self._step(lambda call: call.write(message))
+        except grpc.RpcError:
+            raise
+        except Exception:
+            # grpc.aio reports a write to a call that already ended as its own internal
+            # error; the call's status says why it ended.
+            with trio.move_on_after(5):
+                await self._step(_await_call)
+            raise
 
     async def done_writing(self) -> None:
         """Half-close: no more requests."""

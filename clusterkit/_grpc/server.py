@@ -39,7 +39,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import grpc
@@ -266,16 +266,28 @@ class _TrioCall:
     def __init__(self, loop_call: _LoopCall) -> None:
         self.scope = trio.CancelScope()
         self.write_credit = trio.Semaphore(WINDOW)
-        self.requests_in, self.requests_out = trio.open_memory_channel[Any](WINDOW + 1)
+        self.requests_in, requests_out = trio.open_memory_channel[Any](WINDOW + 1)
+        self.requests = RequestStream(requests_out, loop_call)
+
+
+class RequestStream:
+    """The request messages of a call, as the caller sends them: ``async for m in requests``
+    (each message taken frees one credit for the loop to read the next)."""
+
+    def __init__(self, messages: trio.MemoryReceiveChannel[Any], loop_call: _LoopCall) -> None:
+        self._messages = messages
         self._loop_call = loop_call
 
-    async def requests(self) -> AsyncIterator[Any]:
-        """The request messages, as the caller sends them (each read frees one credit)."""
-        bridge = self._loop_call.server.bridge
-        release = self._loop_call.read_credit.release
-        async for message in self.requests_out:
-            bridge.submit(release)
-            yield message
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            message = await self._messages.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        self._loop_call.server.bridge.submit(self._loop_call.read_credit.release)
+        return message
 
 
 class GrpcServer:
@@ -482,7 +494,7 @@ class GrpcServer:
         result: tuple[Any, ...] | None = None
         try:
             with call.scope:
-                argument = call.requests() if method.request_streaming else request
+                argument = call.requests if method.request_streaming else request
                 if method.response_streaming:
                     stream = method.behaviour(argument, context)
                     if not inspect.isasyncgen(stream):

@@ -60,7 +60,7 @@ import math
 import random
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -170,6 +170,7 @@ class Migration:
         # The receiver's position in each push it was sent: (partition, transfer) -> (token,
         # complete), the most recent _MAX_TRANSFERS.
         self._positions: OrderedDict[tuple[int, str], tuple[bytes, bool]] = OrderedDict()
+        self._active: dict[tuple[int, str], tuple[trio.CancelScope, trio.Event]] = {}
         self.grpc: GrpcPool | None = None  # set by the node when it serves gRPC
         peers.add_stream_handler(METHOD, self._serve, _internal=True)
         peers.add_stream_handler(RECEIVE_METHOD, self._serve_receive, _internal=True)
@@ -793,15 +794,24 @@ class Migration:
         """The peer stream handler of a push: position first, batches in, summary out."""
         if not isinstance(payload, dict):
             raise ValueError("a push must open with a map")
+        try:
+            await self._receive_peer(stream, payload)
+        except RemoteError as exc:  # a refusal: the pusher sees its type, as over gRPC
+            await stream.abort(exc.remote_type, exc.remote_message)
+
+    async def _receive_peer(self, stream: PeerStream, payload: dict[str, Any]) -> None:
         partition, transfer, epoch = self._check_push(payload)
+        await self._take_over((partition, transfer))
         token, complete = self._positions.get((partition, transfer), (b"", False))
         await stream.send({"last_resume_token": token, "complete": complete})
 
-        async def batches() -> AsyncIterator[dict[str, Any]]:
-            async for item in stream:
-                yield item
+        async def next_batch() -> Any:
+            try:
+                return await stream.receive()
+            except trio.EndOfChannel:
+                return None
 
-        summary = await self._apply_push(partition, transfer, epoch, batches(), stream.remote_id)
+        summary = await self._apply_push(partition, transfer, epoch, next_batch, stream.remote_id)
         await stream.send(summary)
         await stream.end()
 
@@ -834,19 +844,50 @@ class Migration:
         partition: int,
         transfer: str,
         epoch: int | None,
-        batches: AsyncIterator[dict[str, Any]],
+        next_batch: Callable[[], Awaitable[Any]],
         remote: str,
     ) -> dict[str, Any]:
-        """Apply a push's batches to the sink, recording the position after each."""
+        """Apply a push's batches (``next_batch()`` until None) to the sink, recording the
+        position after each."""
         sink = self._sink
         assert sink is not None
         self._stats["pushes_received"] += 1
         started = trio.current_time()
         key = (partition, transfer)
+        await self._take_over(key)
+        done = trio.Event()
+        scope = trio.CancelScope()
+        self._active[key] = (scope, done)
+        try:
+            with scope:
+                return await self._apply_batches(key, next_batch, remote, sink, started)
+            raise RemoteError("Superseded", "a newer stream of this push took over")
+        finally:
+            if self._active.get(key) == (scope, done):
+                del self._active[key]
+            done.set()
+
+    async def _take_over(self, key: tuple[int, str]) -> None:
+        """Stop an older stream of the same push and wait until it stopped: the position
+        is then final, and a resumed stream never overlaps the one it replaces."""
+        active = self._active.get(key)
+        if active is not None:
+            active[0].cancel()
+            await active[1].wait()
+
+    async def _apply_batches(
+        self,
+        key: tuple[int, str],
+        next_batch: Callable[[], Awaitable[Any]],
+        remote: str,
+        sink: Sink,
+        started: float,
+    ) -> dict[str, Any]:
+        partition, transfer = key
         token, complete = self._positions.get(key, (b"", False))
         keys = nbytes = 0
         last_key: bytes | None = None
-        async for item in batches:
+        while (item := await next_batch()) is not None:
             if isinstance(item, dict) and item.get("transfer_id", transfer) != transfer:
                 raise RemoteError("MalformedBatch", "a batch of another transfer in this push")
             try:
@@ -891,7 +932,7 @@ class Migration:
     async def _receive_grpc(self, requests: AsyncIterator[Any], remote: str) -> dict[str, Any]:
         """``ReceivePartition``: a batched push (clusterkit's) or one KeyValue per key."""
         try:
-            message = await anext(aiter(requests))
+            message = await anext(requests)
         except StopAsyncIteration:
             return {"success": True}
         first = grpc_transport.first_batch(message)
@@ -899,6 +940,7 @@ class Migration:
             return await self._receive_keys(message, requests, remote)
         partition, transfer, epoch = self._check_push(first)
         if first.get("probe"):
+            await self._take_over((partition, transfer))
             token, complete = self._positions.get((partition, transfer), (b"", False))
             return {
                 "partition": partition,
@@ -907,15 +949,21 @@ class Migration:
                 "success": True,
             }
 
-        async def batches() -> AsyncIterator[dict[str, Any]]:
-            yield first
-            async for later in requests:
-                batch = grpc_transport.first_batch(later)
-                if batch is None:
-                    raise RemoteError("MalformedBatch", "a plain KeyValue in a batched push")
-                yield batch
+        pending = [first]
 
-        return await self._apply_push(partition, transfer, epoch, batches(), remote)
+        async def next_batch() -> Any:
+            if pending:
+                return pending.pop()
+            try:
+                later = await anext(requests)
+            except StopAsyncIteration:
+                return None
+            batch = grpc_transport.first_batch(later)
+            if batch is None:
+                raise RemoteError("MalformedBatch", "a plain KeyValue in a batched push")
+            return batch
+
+        return await self._apply_push(partition, transfer, epoch, next_batch, remote)
 
     async def _receive_keys(
         self, first: Any, requests: AsyncIterator[Any], remote: str
@@ -939,12 +987,8 @@ class Migration:
                     raise RemoteError(type(exc).__name__, str(exc)[:1000]) from None
                 run.clear()
 
-        async def messages() -> AsyncIterator[Any]:
-            yield first
-            async for later in requests:
-                yield later
-
-        async for message in messages():
+        message = first
+        while message is not None:
             fields = grpc_transport.entry_fields(message)
             key, value = fields.get("key", b""), fields.get("value", b"")
             if not key or "batch" in fields:
@@ -962,6 +1006,7 @@ class Migration:
             run.append(MigrationEntry(key, value, fields.get("version"), fields.get("epoch")))
             keys += 1
             nbytes += len(key) + len(value)
+            message = await anext(requests, None)
         await flush()
         self._stats["keys_received"] += keys
         return {

@@ -274,6 +274,7 @@ def node_config(node: KVNode, args: argparse.Namespace) -> clusterkit.Config:
         etcd_prefix=args.prefix,
         http_port=0,
         metrics_port=None,
+        grpc_port=0,
         partitions=args.partitions,
         replica_factor=args.replicas,
         session_ttl=args.session_ttl,
