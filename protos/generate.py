@@ -13,8 +13,8 @@ Two proto roots are compiled, each by its own in-process run of ``grpc_tools.pro
   Output lands in ``clusterkit/_etcd/pb/``.
 * ``protos/migration``: clusterkit's own migration schema, compiled from a flat root. Output
   lands in ``clusterkit/_migration/pb/``. ``protos/health`` (the standard gRPC health
-  service) is compiled the same way into ``clusterkit/_grpc/pb/``. Because the root is flat, the generated
-  ``migration_pb2_grpc.py`` says ``import migration_pb2 as ...``, which only works with the
+  service) is compiled the same way into ``clusterkit/_grpc/pb/``. Because the root is flat,
+  the generated ``migration_pb2_grpc.py`` says ``import migration_pb2 as ...``, which only works with the
   output directory on ``sys.path``. This script rewrites that one line to the package-relative
   ``from . import migration_pb2 as ...`` (and fails loudly if protoc's output no longer has the
   expected line exactly once).

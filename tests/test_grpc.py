@@ -8,7 +8,7 @@ import json
 import math
 import pathlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -30,7 +30,9 @@ HERE = pathlib.Path(__file__).parent
 SECRET = "0123456789abcdef-grpc-test"
 
 
-def _config(node_id: str, endpoints: list[str], prefix: str, **overrides: Any) -> clusterkit.Config:
+def _config(
+    node_id: str, endpoints: Sequence[str], prefix: str, **overrides: Any
+) -> clusterkit.Config:
     settings: dict[str, Any] = {
         "partitions": 8,
         "replica_factor": 2,
@@ -414,8 +416,8 @@ async def test_hostile_callers_get_status_codes_and_the_node_lives(
                             codes.append(exc.code())
                     return codes[0], codes[1]
 
-            codes = await trio.to_thread.run_sync(raw_calls)
-            assert codes == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+            raw_codes = await trio.to_thread.run_sync(raw_calls)
+            assert raw_codes == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
             assert server.statistics()["calls"] == calls_before
             # Authenticated but malformed: a partition out of range, an oversized message.
             with pytest.raises(grpc.RpcError) as bad:

@@ -31,7 +31,12 @@ PROGRAM = textwrap.dedent(
     async def main(mode, endpoint):
         if mode == "cluster":  # embedded etcd: no endpoints given
             cfg = clusterkit.Config(
-                node_id="n1", partitions=16, replica_factor=1, http_port=0, metrics_port=None, grpc_port=0
+                node_id="n1",
+                partitions=16,
+                replica_factor=1,
+                http_port=0,
+                metrics_port=None,
+                grpc_port=0,
             )
             async with clusterkit.open_cluster(cfg):
                 print("joined", flush=True)
