@@ -14,10 +14,10 @@ Two proto roots are compiled, each by its own in-process run of ``grpc_tools.pro
 * ``protos/migration``: clusterkit's own migration schema, compiled from a flat root. Output
   lands in ``clusterkit/_migration/pb/``. ``protos/health`` (the standard gRPC health
   service) is compiled the same way into ``clusterkit/_grpc/pb/``. Because the root is flat,
-  the generated ``migration_pb2_grpc.py`` says ``import migration_pb2 as ...``, which only works with the
-  output directory on ``sys.path``. This script rewrites that one line to the package-relative
-  ``from . import migration_pb2 as ...`` (and fails loudly if protoc's output no longer has the
-  expected line exactly once).
+  the generated ``migration_pb2_grpc.py`` says ``import migration_pb2 as ...``, which only
+  works with the output directory on ``sys.path``. This script rewrites that one line to the
+  package-relative ``from . import migration_pb2 as ...`` (and fails loudly if protoc's output
+  no longer has the expected line exactly once); the same for ``health_pb2_grpc.py``.
 
 Every directory that receives generated modules gets an ``__init__.py`` holding only
 :data:`INIT_TEXT`. Everything is generated into a temporary directory first; the normal mode then
