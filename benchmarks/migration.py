@@ -2,9 +2,11 @@
 
 Run: ``python benchmarks/migration.py [--keys N] [--large N]``. Starts an embedded etcd and two
 nodes in this process (so sender and receiver share one CPU, as two nodes on one core would)
-and moves the same data five ways:
+and moves the same data eight ways:
 
-* ``ck.migration.pull``: the migration service, default batching (1000 keys / 1 MiB);
+* ``ck.migration.pull``: the migration service, default batching (1000 keys / 256 KiB);
+* the same over gRPC (the source node's ``MigrationService``, batched), and
+  ``ck.migration.push`` over the peer transport and over gRPC;
 * the same, rate limited (``rate_keys`` / ``rate_bytes``): the measured rate should sit just
   under the limit;
 * ``ck.peers.stream``, one stream item per key-value: the peer transport without batching;
@@ -60,6 +62,7 @@ class Bench:
         self.keys: list[bytes] = []
         self.received = 0
         src.migration.source(self._source)
+        dst.migration.sink(self._sink)
         src.peers.add_stream_handler("bench.items", self._items)
         src.peers.add_stream_handler("bench.batches", self._batches)
 
@@ -85,6 +88,14 @@ class Bench:
     async def pull(self, **limits: Any) -> None:
         progress = await self.dst.migration.pull(0, "src", self._sink, **limits)
         assert progress.keys == len(self.data)
+
+    async def pull_grpc(self) -> None:
+        progress = await self.dst.migration.pull(0, "src", self._sink, transport="grpc")
+        assert progress.keys == len(self.data)
+
+    async def push(self, transport: str) -> None:
+        progress = await self.src.migration.push(0, "dst", transport=transport)
+        assert progress.keys == len(self.data) and progress.complete
 
     async def stream(self, method: str) -> None:
         count = 0
@@ -170,6 +181,13 @@ async def main() -> None:
 
         rows: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = [
             ("ck.migration.pull", bench.pull, bench.pull),
+            ("ck.migration.pull, gRPC", bench.pull_grpc, bench.pull_grpc),
+            ("ck.migration.push", partial(bench.push, "peer"), partial(bench.push, "peer")),
+            (
+                "ck.migration.push, gRPC",
+                partial(bench.push, "grpc"),
+                partial(bench.push, "grpc"),
+            ),
             (
                 "ck.migration.pull, rate limited",
                 partial(bench.pull, rate_keys=rate_keys),

@@ -17,8 +17,11 @@ again without a new channel.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+import functools
+import math
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import grpc
@@ -31,6 +34,8 @@ from .._etcd.bridge import AioBridge
 from .._peers.keyring import Keyring, as_keyring
 from .auth import HEADER, make_token
 from .loop import run_on_loop
+
+READ_AHEAD = 8  # responses a stream reads before the Trio side takes them
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -218,14 +223,28 @@ class TrioChannel:
                 await run_on_loop(self._bridge, lambda: channel.close())
 
 
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 class _Call:
-    """A streaming call, started lazily on the loop; cancelled if a step is cancelled."""
+    """A streaming call, started lazily on the loop; cancelled if a step is cancelled.
+
+    Responses are read ahead: a task on the loop reads up to :data:`READ_AHEAD` of them before
+    the Trio side takes them (credit returned as each is taken), so a stream costs one Trio
+    wakeup per batch of responses, not a round trip per response.
+    """
 
     def __init__(self, bridge: AioBridge, start: Callable[[], Any]) -> None:
         self._bridge = bridge
         self._start = start
         self._call: Any = None
-        self._ended = False
+        self._responses: trio.MemoryReceiveChannel[Any] | None = None
+        self._final: Any = None  # EOF or a _Failure, once seen
+        self._credit: asyncio.Semaphore | None = None  # loop thread
 
     async def _loop_call(self) -> Any:
         if self._call is None:
@@ -256,18 +275,69 @@ class _Call:
         self.cancel()
 
     async def read(self) -> Any:
-        """The next response; ``grpc.aio.EOF`` after the last."""
-        return await self._step(lambda call: call.read())
+        """The next response; ``grpc.aio.EOF`` after the last.
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
+        Raises:
+            grpc.RpcError: the call ended with an error status.
+        """
+        if self._final is not None:
+            return self._raise_or_eof(self._final)
+        if self._responses is None:
+            call = await self._loop_call()
+            send, self._responses = trio.open_memory_channel[Any](math.inf)
+            self._bridge.submit(functools.partial(self._start_reading, call, send))
         try:
-            while (message := await self.read()) is not grpc.aio.EOF:
-                yield message
-        finally:
+            item = await self._responses.receive()
+        except trio.Cancelled:
             self.cancel()
+            raise
+        if item is grpc.aio.EOF or isinstance(item, _Failure):
+            self._final = item
+            return self._raise_or_eof(item)
+        self._bridge.submit(self._release)
+        return item
+
+    @staticmethod
+    def _raise_or_eof(final: Any) -> Any:
+        if isinstance(final, _Failure):
+            raise final.error
+        return final
+
+    def __aiter__(self) -> _Call:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self.read()
+        if message is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return message
+
+    # Loop thread.
+    def _start_reading(self, call: Any, send: trio.MemorySendChannel[Any]) -> None:
+        self._credit = asyncio.Semaphore(READ_AHEAD)
+        asyncio.get_running_loop().create_task(self._read_ahead(call, send))
+
+    def _release(self) -> None:
+        if self._credit is not None:
+            self._credit.release()
+
+    async def _read_ahead(self, call: Any, send: trio.MemorySendChannel[Any]) -> None:
+        assert self._credit is not None
+        deliver = send.send_nowait
+        item: Any
+        try:
+            while True:
+                await self._credit.acquire()
+                item = await call.read()
+                self._bridge.post(functools.partial(deliver, item))
+                if item is grpc.aio.EOF:
+                    return
+        except asyncio.CancelledError:
+            item = _Failure(PeerUnreachable("the node's gRPC layer closed during the call"))
+            self._bridge.post(functools.partial(deliver, item))
+            raise
+        except Exception as exc:
+            self._bridge.post(functools.partial(deliver, _Failure(exc)))
 
 
 class ResponseStream(_Call):

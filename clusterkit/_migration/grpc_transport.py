@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .service import Migration
 
 _KV_OPTIONAL = ("version", "epoch")
-_BATCH_OPTIONAL = ("keys_total", "epoch", "snapshot_revision")
 _STATUS = {
     "NoMigrationSource": grpc.StatusCode.FAILED_PRECONDITION,
     "NoMigrationSink": grpc.StatusCode.FAILED_PRECONDITION,
@@ -52,9 +51,14 @@ RECEIVE_PARTITION = f"/{pb.DESCRIPTOR.package}.MigrationService/ReceivePartition
 
 def batch_to_pb(batch: dict[str, Any]) -> Any:
     """A ``PartitionBatch`` map as the protobuf message."""
-    kvs = [pb.KeyValue(**kv) for kv in batch.get("kvs", ())]
-    fields = {k: v for k, v in batch.items() if k != "kvs"}
-    return pb.PartitionBatch(kvs=kvs, **fields)
+    message = pb.PartitionBatch(**{k: v for k, v in batch.items() if k != "kvs"})
+    add = message.kvs.add
+    for kv in batch.get("kvs", ()):
+        if len(kv) == 2:  # the common case: no version, no epoch
+            add(key=kv["key"], value=kv["value"])
+        else:
+            add(**kv)
+    return message
 
 
 def _fields(message: Any) -> dict[str, Any]:
@@ -64,7 +68,14 @@ def _fields(message: Any) -> dict[str, Any]:
 def pb_to_batch(message: Any) -> dict[str, Any]:
     """A ``PartitionBatch`` message as the map the peer transport carries."""
     batch = _fields(message)
-    batch["kvs"] = [_fields(kv) for kv in message.kvs]
+    kvs = []
+    for kv in message.kvs:
+        entry = {"key": kv.key, "value": kv.value}
+        for name in _KV_OPTIONAL:
+            if kv.HasField(name):
+                entry[name] = getattr(kv, name)
+        kvs.append(entry)
+    batch["kvs"] = kvs
     return batch
 
 
