@@ -573,9 +573,8 @@ def _grpc_layer(
     """The node's gRPC server and its pool of channels, on one loop thread."""
     server_credentials = channel_credentials = None
     if config.peer_tls_cert is not None and config.peer_tls_key is not None:
-        server_credentials = server_tls_credentials(
-            config.peer_tls_cert, config.peer_tls_key, config.peer_tls_ca
-        )
+        # As the peer endpoint: TLS authenticates the server; the secret, every caller.
+        server_credentials = server_tls_credentials(config.peer_tls_cert, config.peer_tls_key, None)
     if config.peer_tls_ca is not None:
         channel_credentials = channel_tls_credentials(
             config.peer_tls_ca, config.peer_tls_cert, config.peer_tls_key

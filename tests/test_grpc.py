@@ -3,6 +3,7 @@ handlers, ck.grpc_channel, push migration, credentials and bad input (real etcd)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -17,6 +18,7 @@ import grpc.aio
 import pytest
 import trio
 import trio.lowlevel
+import trustme
 from cluster_helpers import node_config, start_node
 from grpc_tools import protoc
 from tcp_proxy import open_proxy
@@ -509,3 +511,65 @@ async def test_grpc_server_false_advertises_only(
 
 async def _no_sink(partition: int, entries: list[MigrationEntry]) -> None:
     raise AssertionError
+
+
+async def test_grpc_over_tls_and_from_a_routing_client(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, tmp_path: pathlib.Path
+) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+    leaf.private_key_pem.write_to_path(str(key_file))
+    tls = {
+        "peer_tls_cert": str(cert_file),
+        "peer_tls_key": str(key_file),
+        "peer_tls_ca": str(ca_file),
+    }
+    data = _data(5, 500)
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, _config("a", etcd.endpoints, prefix, **tls))
+        b = await start_node(nursery, _config("b", etcd.endpoints, prefix, **tls))
+        _serve_source(a.ck, data)
+        got: list[bytes] = []
+
+        async def sink(partition: int, entries: list[MigrationEntry]) -> None:
+            got.extend(e.key for e in entries)
+
+        with trio.fail_after(20):
+            await b.ck.migration.pull(5, "a", sink, transport="grpc")
+        assert got == sorted(data)
+
+        def plaintext() -> grpc.StatusCode:
+            with grpc.insecure_channel(a.ck.node.grpc_addr()) as channel:
+                check = channel.unary_unary("/grpc.health.v1.Health/Check")
+                try:
+                    check(b"", timeout=3)
+                except grpc.RpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+        assert await trio.to_thread.run_sync(plaintext) == grpc.StatusCode.UNAVAILABLE
+
+        # A routing client (the Go README's client step: dial the leader's gRPC address).
+        client_config = clusterkit.ClientConfig(
+            etcd_endpoints=etcd.endpoints,
+            etcd_prefix=prefix.rstrip("/"),
+            cluster_secret=SECRET,
+        )
+        async with clusterkit.open_client(client_config) as client:
+            health = health_pb2_grpc.HealthStub(await client.grpc_channel("a"))
+            with trio.fail_after(10), pytest.raises(grpc.RpcError) as no_tls:
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert no_tls.value.code() == grpc.StatusCode.UNAVAILABLE  # it has no CA set
+        tls_client = dataclasses.replace(client_config, peer_tls_ca=str(ca_file))
+        async with clusterkit.open_client(tls_client) as client:
+            stub = migration_pb2_grpc.MigrationServiceStub(await client.grpc_channel("a"))
+            with trio.fail_after(10):
+                keys = [
+                    kv.key
+                    async for kv in stub.StreamPartition(migration_pb2.StreamRequest(partition=5))
+                ]
+        assert keys == sorted(data)
+        nursery.cancel_scope.cancel()

@@ -392,7 +392,7 @@ class GrpcPool:
         credentials: grpc.ChannelCredentials | None = None,
         max_message: int = 4 * 1024 * 1024,
     ) -> None:
-        self._bridge = bridge
+        self.bridge = bridge
         self._caller = caller
         self._secret = secret
         self._resolve = resolve
@@ -421,7 +421,7 @@ class GrpcPool:
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = TrioChannel(
-                self._bridge,
+                self.bridge,
                 target,
                 caller=self._caller,
                 secret=self._secret(),
