@@ -24,6 +24,8 @@ GENERATED_MODULES = (
     "clusterkit._etcd.pb.etcdserverpb.rpc_pb2_grpc",
     "clusterkit._migration.pb.migration_pb2",
     "clusterkit._migration.pb.migration_pb2_grpc",
+    "clusterkit._grpc.pb.health_pb2",
+    "clusterkit._grpc.pb.health_pb2_grpc",
 )
 
 
@@ -195,10 +197,10 @@ def test_migration_service() -> None:
 
     assert migration_pb2.DESCRIPTOR.package == "clusterkit.migration.v1"
     recorder = _RecordingChannel()
-    migration_pb2_grpc.MigrationStub(recorder)
+    migration_pb2_grpc.MigrationServiceStub(recorder)
     assert recorder.methods == {
-        "/clusterkit.migration.v1.Migration/StreamPartition": "unary_stream",
-        "/clusterkit.migration.v1.Migration/ReceivePartition": "stream_unary",
+        "/clusterkit.migration.v1.MigrationService/StreamPartition": "unary_stream",
+        "/clusterkit.migration.v1.MigrationService/ReceivePartition": "stream_unary",
     }
     batch = migration_pb2.PartitionBatch(
         partition=3,

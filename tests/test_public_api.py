@@ -25,8 +25,14 @@ TOP_LEVEL = {
     "EtcdTimeout",
     "EtcdUnavailable",
     "EventStreamOverflow",
+    "GrpcContext",
+    "GrpcPool",
+    "GrpcServer",
     "InvalidAuthToken",
     "InvalidRequest",
+    "MigrationRefused",
+    "NoMigrationSink",
+    "TrioChannel",
     "LeaderElected",
     "LeaderLost",
     "LeadershipLost",
@@ -113,6 +119,7 @@ def test_every_error_derives_from_the_root() -> None:
     errors += [clusterkit.EtcdUnavailable, clusterkit.EtcdTimeout, clusterkit.RevisionCompacted]
     errors += [clusterkit.NodeIdConflict, clusterkit.LeaseNotFound, clusterkit.InvalidAuthToken]
     errors += [clusterkit.ClusterNotReady, clusterkit.PeerUnreachable]
+    errors += [clusterkit.MigrationRefused, clusterkit.NoMigrationSink]
     for err in errors:
         assert issubclass(err, clusterkit.ClusterKitError), err
         assert err.__module__ == "clusterkit"

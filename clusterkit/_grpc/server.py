@@ -202,10 +202,14 @@ class _LoopCall:
         try:
             if method.response_streaming:
                 while (item := await self.out.get()) is not _END:
-                    await context.write(item)
+                    try:
+                        await context.write(item)
+                    except Exception:  # the call has ended (the caller went away)
+                        bridge.post(self._cancel, urgent=True)
+                        return None
                     bridge.post(self._written)
             result = await self.done
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled by grpcio, or a write to a call that has ended
             bridge.post(self._cancel, urgent=True)
             raise
         finally:
@@ -479,9 +483,10 @@ class GrpcServer:
             return
         deadline = trio.current_time() + remaining if remaining is not None else float("inf")
         caller = None
-        for key, value in metadata:
-            if key == HEADER and isinstance(value, str):
-                caller = value.split(":", 2)[1] if value.count(":") >= 2 else None
+        if not loop_call.method.open:  # verified by _route: the last token is the one checked
+            for key, value in metadata:
+                if key == HEADER and isinstance(value, str) and value.count(":") >= 2:
+                    caller = value.split(":", 2)[1]
         context = GrpcContext(loop_call.method.path, caller, peer, metadata, deadline)
         nursery.start_soon(self._serve_call, loop_call, call, request, context)
 
