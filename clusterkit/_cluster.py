@@ -641,6 +641,7 @@ async def _open_node(
                     add_migration_service(grpc_server._add, migration)
                     add_health_service(grpc_server, lambda: healthy[0]())
                     migration.grpc = grpc_pool
+                    migration.grpc_max_wire = config.grpc_max_message - 1024
                     grpc_port = await nursery.start(grpc_server.run)
                 node = _node_record(config, peers.address, grpc_port)
                 membership = MembershipActor(etcd, config, layout, node, session, receive)

@@ -51,7 +51,20 @@ RECEIVE_PARTITION = f"/{pb.DESCRIPTOR.package}.MigrationService/ReceivePartition
 
 def batch_to_pb(batch: dict[str, Any]) -> Any:
     """A ``PartitionBatch`` map as the protobuf message."""
-    message = pb.PartitionBatch(**{k: v for k, v in batch.items() if k != "kvs"})
+    return _fill(pb.PartitionBatch(), batch)
+
+
+def carrier(batch: dict[str, Any]) -> Any:
+    """A ``KeyValue`` carrying the batch (built in place: no copy of the batch's bytes)."""
+    message = pb.KeyValue()
+    _fill(message.batch, batch)
+    return message
+
+
+def _fill(message: Any, batch: dict[str, Any]) -> Any:
+    for name, value in batch.items():
+        if name != "kvs":
+            setattr(message, name, value)
     add = message.kvs.add
     for kv in batch.get("kvs", ()):
         if len(kv) == 2:  # the common case: no version, no epoch
@@ -176,7 +189,7 @@ class GrpcPush:
         probe = {"partition": partition, "transfer_id": transfer, "probe": True}
         try:
             async with call:
-                await call.write(pb.KeyValue(batch=batch_to_pb(probe)))
+                await call.write(carrier(probe))
                 await call.done_writing()
                 return response_to_dict(await call.response())
         except grpc.RpcError as exc:
@@ -194,7 +207,7 @@ class GrpcPush:
         if self._call is None:
             self._call = self._open()
         try:
-            await self._call.write(pb.KeyValue(batch=batch_to_pb(batch)))
+            await self._call.write(carrier(batch))
         except grpc.RpcError as exc:
             raise translate(exc, self._node) from None
         except (trio.Cancelled, Exception):
@@ -230,7 +243,7 @@ class MigrationServicer:
         payload = _fields(request)
         batched = bool(payload.pop("batched", False))
         try:
-            batches = migration._open_batches(payload, context.caller or context.peer())
+            batches = migration._open_batches(payload, context.caller or context.peer(), "grpc")
         except ValueError as exc:
             raise abort_for("InvalidRequest", str(exc)) from None
         except NoMigrationSource as exc:
@@ -239,7 +252,7 @@ class MigrationServicer:
             async with contextlib.aclosing(batches) as stream:
                 async for batch, nbytes in stream:
                     if batched:
-                        yield pb.KeyValue(batch=batch_to_pb(batch))
+                        yield carrier(batch)
                     else:
                         for kv in batch["kvs"]:
                             yield pb.KeyValue(**kv)

@@ -87,6 +87,7 @@ from .wire import (
     BURST_SECONDS,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_KEYS,
+    DEFAULT_GRPC_BATCH_BYTES,
     DEFAULT_MAX_RESUMES,
     DEFAULT_STALL_TIMEOUT,
     METHOD,
@@ -172,6 +173,7 @@ class Migration:
         self._positions: OrderedDict[tuple[int, str], tuple[bytes, bool]] = OrderedDict()
         self._active: dict[tuple[int, str], tuple[trio.CancelScope, trio.Event]] = {}
         self.grpc: GrpcPool | None = None  # set by the node when it serves gRPC
+        self.grpc_max_wire = 4 * 1024 * 1024 - 1024  # its gRPC message limit, less room
         peers.add_stream_handler(METHOD, self._serve, _internal=True)
         peers.add_stream_handler(RECEIVE_METHOD, self._serve_receive, _internal=True)
 
@@ -221,7 +223,7 @@ class Migration:
         return fn
 
     def _open_batches(
-        self, payload: Any, requester: str
+        self, payload: Any, requester: str, transport: str = "peer"
     ) -> AsyncGenerator[tuple[dict[str, Any], int], None]:
         """Check a ``StreamRequest`` map; the batches to serve for it (counted as serving).
 
@@ -236,7 +238,7 @@ class Migration:
                 f"node {self._node_id} has no partition source (ck.migration.source)"
             )
         self._stats["streams_served"] += 1
-        return self._counted(self._batches(source, request, requester))
+        return self._counted(self._batches(source, request, requester, transport))
 
     async def _counted(
         self, batches: AsyncGenerator[tuple[dict[str, Any], int], None]
@@ -295,7 +297,7 @@ class Migration:
         self._stats["bytes_served"] += nbytes
 
     async def _batches(
-        self, source: Source, request: StreamRequest, requester: str
+        self, source: Source, request: StreamRequest, requester: str, transport: str = "peer"
     ) -> AsyncGenerator[tuple[dict[str, Any], int], None]:
         """The source's entries for ``request`` as ``(PartitionBatch map, key+value bytes)``,
         paced by the request's rate limit; the last batch has ``last = true``."""
@@ -304,7 +306,7 @@ class Migration:
             request.after,
             max_keys=request.max_batch_keys or DEFAULT_BATCH_KEYS,
             max_bytes=request.max_batch_bytes or DEFAULT_BATCH_BYTES,
-            max_wire=self._max_wire,
+            max_wire=self._max_wire if transport == "peer" else self.grpc_max_wire,
             snapshot_revision=request.snapshot_revision,
         )
         rate = request.rate_limit_bytes_per_second
@@ -352,7 +354,7 @@ class Migration:
         *,
         after: bytes | None = None,
         batch_keys: int = DEFAULT_BATCH_KEYS,
-        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        batch_bytes: int | None = None,
         rate_keys: float | None = None,
         rate_bytes: float | None = None,
         snapshot_revision: int | None = None,
@@ -373,7 +375,8 @@ class Migration:
                 the pull (the stream is aborted) and is raised as itself.
             after: continue a transfer: the ``resume_token`` of the last applied batch.
             batch_keys, batch_bytes: batch limits asked of the source (a single larger entry
-                comes alone).
+                comes alone). ``batch_bytes`` None: 256 KiB over peers, 1 MiB over gRPC (both
+                hold about 16 MiB in flight: 64 peer-stream credits, 8 + 8 gRPC messages).
             rate_keys, rate_bytes: limits in keys/s and key+value bytes/s; None: none.
             snapshot_revision: the revision to read the data at, passed to the source (a
                 resumed stream asks for the revision the source reported).
@@ -398,6 +401,7 @@ class Migration:
             PeerAuthFailed: ``from_node`` does not share the cluster secret.
             ValueError: an invalid argument.
         """
+        batch_bytes = _batch_bytes(batch_bytes, transport)
         _check_transfer_args(
             partition,
             self._partitions,
@@ -558,7 +562,7 @@ class Migration:
         *,
         epoch: int | None = None,
         batch_keys: int = DEFAULT_BATCH_KEYS,
-        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        batch_bytes: int | None = None,
         rate_keys: float | None = None,
         rate_bytes: float | None = None,
         snapshot_revision: int | None = None,
@@ -599,6 +603,7 @@ class Migration:
             MigrationInterrupted: as for :meth:`pull`.
             ValueError: an invalid argument.
         """
+        batch_bytes = _batch_bytes(batch_bytes, transport)
         _check_transfer_args(
             partition,
             self._partitions,
@@ -709,7 +714,7 @@ class Migration:
                     max_batch_bytes=hints[1],
                     rate_limit_bytes_per_second=0,
                 )
-                batches = self._batches(source, request, name)
+                batches = self._batches(source, request, name, transport)
                 async with contextlib.aclosing(batches):
                     try:
                         async for batch, nbytes in batches:
@@ -1079,6 +1084,12 @@ async def _cancel_when_aborted(stream: PeerStream, scope: trio.CancelScope) -> N
         return
     except (RemoteError, PeerUnreachable):
         scope.cancel()
+
+
+def _batch_bytes(batch_bytes: int | None, transport: str) -> int:
+    if batch_bytes is not None:
+        return batch_bytes
+    return DEFAULT_GRPC_BATCH_BYTES if transport == "grpc" else DEFAULT_BATCH_BYTES
 
 
 def _check_transfer_args(

@@ -18,6 +18,7 @@ METHOD = "clusterkit.migration.stream_partition"
 RECEIVE_METHOD = "clusterkit.migration.receive_partition"
 DEFAULT_BATCH_KEYS = 1000
 DEFAULT_BATCH_BYTES = 256 * 1024
+DEFAULT_GRPC_BATCH_BYTES = 1024 * 1024  # 8 + 8 messages in flight (grpc): 16 MiB, as peers
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_MAX_RESUMES = 10
 BURST_SECONDS = 0.1  # a token bucket holds this many seconds of its rate
