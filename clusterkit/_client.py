@@ -290,6 +290,29 @@ class RoutingClient:
         self._publish(state.snapshot(snapshot.revision))
         return self._views.value
 
+    async def wait_ready(self, *, leaders: bool = True) -> ClusterView:
+        """Wait until the cluster has a partition map (and, with ``leaders``, every partition
+        a leader): what a client that starts with its cluster waits for before routing.
+
+        Bound it with ``trio.fail_after``. With the cache off, the cluster is re-read every
+        0.1 s meanwhile.
+
+        Returns:
+            The view that satisfied it.
+        """
+
+        def ready(view: ClusterView) -> bool:
+            record = view.map
+            return record is not None and (not leaders or len(view.leaders) == record.partitions)
+
+        while not ready(self._views.value):
+            if self._config.cache_enabled:
+                await self._views.wait_for(ready)
+            else:
+                await trio.sleep(0.1)
+                await self.refresh()
+        return self._views.value
+
     def _publish(self, view: ClusterView) -> None:
         if view.revision > self._views.value.revision:
             self._views.set(view)

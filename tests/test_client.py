@@ -454,3 +454,21 @@ async def test_the_body_exception_wins(etcd: clusterkit.EmbeddedEtcd, prefix: st
     with pytest.raises(KeyError):
         async with clusterkit.open_client(client_config(etcd, prefix)):
             raise KeyError("mine")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+async def test_wait_ready_until_the_cluster_forms(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str, cache: bool
+) -> None:
+    """A client started before any node (as a demo or an app starting with its cluster) waits
+    with wait_ready() instead of catching ClusterNotReady in a loop."""
+    async with clusterkit.open_client(client_config(etcd, prefix, cache_enabled=cache)) as c:
+        with pytest.raises(clusterkit.ClusterNotReady):
+            c.get_partition("k")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_cluster, nursery, etcd, prefix, 2)
+            with trio.fail_after(20):
+                view = await c.wait_ready()
+            assert view.map is not None and len(view.leaders) == P
+            assert c.get_leader(c.get_partition("k")) is not None
+            nursery.cancel_scope.cancel()

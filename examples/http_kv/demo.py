@@ -48,12 +48,22 @@ class Report:
 
 
 class Cluster:
-    """Node processes, their HTTP addresses, and which are alive."""
+    """Node processes (``python -m module``, each with its own HTTP port), their HTTP
+    addresses, and which are alive."""
 
-    def __init__(self, endpoints: list[str], prefix: str, partitions: int) -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        prefix: str,
+        partitions: int,
+        module: str = "examples.http_kv.node",
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.endpoints = endpoints
         self.prefix = prefix
         self.partitions = partitions
+        self.module = module
+        self.extra = extra
         self.procs: dict[str, trio.Process] = {}
         self.http: dict[str, str] = {}
         self.alive: set[str] = set()
@@ -64,7 +74,7 @@ class Cluster:
             [
                 sys.executable,
                 "-m",
-                "examples.http_kv.node",
+                self.module,
                 "--id",
                 node_id,
                 "--http-port",
@@ -76,6 +86,7 @@ class Cluster:
                 "--partitions",
                 str(self.partitions),
                 "--parent-stdin",
+                *self.extra,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -69,12 +69,23 @@ async def _serve_one(stream: trio.abc.Stream, handler: Handler) -> None:
 async def fetch(
     url: str, *, method: str = "GET", max_redirects: int = 5, timeout: float = 5.0
 ) -> tuple[int, bytes]:
-    """One request to ``url`` (``http://host:port/path?query``), following redirects.
+    """One request to ``url`` (``http://host:port/path?query``), following redirects:
+    ``(status, body)``.
 
     Raises:
         OSError, trio.BrokenResourceError: the connection failed or broke.
         trio.TooSlowError: no answer within ``timeout``.
     """
+    status, _, body = await request(
+        url, method=method, max_redirects=max_redirects, timeout=timeout
+    )
+    return status, body
+
+
+async def request(
+    url: str, *, method: str = "GET", max_redirects: int = 5, timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """As :func:`fetch`, with the final answer's headers (lower-case names)."""
     for _ in range(max_redirects + 1):
         parts = urlsplit(url)
         assert parts.scheme == "http" and parts.hostname and parts.port, url
@@ -83,11 +94,9 @@ async def fetch(
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(parts.hostname, parts.port)
             async with stream:
-                request = h11.Request(
-                    method=method, target=target, headers=[("host", parts.netloc)]
-                )
-                await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-                status, location, body = 0, "", b""
+                head = h11.Request(method=method, target=target, headers=[("host", parts.netloc)])
+                await stream.send_all(conn.send(head) + conn.send(h11.EndOfMessage()))
+                status, headers, body = 0, {}, b""
                 while True:
                     try:
                         event = conn.next_event()
@@ -97,13 +106,14 @@ async def fetch(
                         conn.receive_data(bytes(await stream.receive_some(65536)))
                     elif isinstance(event, h11.Response):
                         status = event.status_code
-                        location = dict(event.headers).get(b"location", b"").decode()
+                        headers = {k.decode(): v.decode("latin-1") for k, v in event.headers}
                     elif isinstance(event, h11.Data):
                         body += event.data
                     elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                         break
+        location = headers.get("location", "")
         if status in (301, 302, 307, 308) and location:
             url = location
             continue
-        return status, body
-    return 310, b"too many redirects"
+        return status, headers, body
+    return 310, {}, b"too many redirects"
