@@ -358,9 +358,19 @@ class RoutingClient:
     # -- requests ------------------------------------------------------------------------
 
     async def request(
-        self, key: str | bytes, method: str, payload: Any = None, *, timeout: float | None = None
+        self,
+        key: str | bytes | None,
+        method: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        partition: int | None = None,
     ) -> Any:
         """Call ``method(payload)`` on the leader of ``key``'s partition; return its answer.
+
+        ``partition=pt`` (with ``key`` None) routes to the leader of partition ``pt`` itself:
+        for work that is per partition rather than per key (a queue consumer fetching a
+        partition's log, a repair job).
 
         Retries on ``NotLeader`` (following the node's hint) and on an unreachable leader
         until the leader answers or the budget runs out. A retried call may run twice on
@@ -392,6 +402,10 @@ class RoutingClient:
         """
         if self._closed:
             raise trio.ClosedResourceError("the routing client is closed")
+        if (key is None) == (partition is None):
+            raise ValueError("give a key or a partition (one of them)")
+        if partition is not None and (type(partition) is not int or partition < 0):
+            raise ValueError("partition must be a non-negative integer")
         budget = self._config.request_timeout if timeout is None else timeout
         if (
             not isinstance(budget, int | float)
@@ -404,12 +418,18 @@ class RoutingClient:
         trace = _Trace()
         deadline = trio.current_time() + budget
         with trio.move_on_at(deadline):
-            return await self._route(key, method, payload, deadline, trace)
+            return await self._route(key, partition, method, payload, deadline, trace)
         self._counters["timeouts"] += 1
         raise _timed_out(method, budget, trace) from trace.last
 
     async def _route(
-        self, key: str | bytes, method: str, payload: Any, deadline: float, trace: _Trace
+        self,
+        key: str | bytes | None,
+        partition: int | None,
+        method: str,
+        payload: Any,
+        deadline: float,
+        trace: _Trace,
     ) -> Any:
         trace.reading = True
         await self._fresh_view(deadline)
@@ -425,7 +445,13 @@ class RoutingClient:
                 await self._wait_change(lambda v: v.map is not None, backoff, trace)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            pt = trace.partition = self._mmh3(key, 0, False) % view.map.partitions
+            if key is not None:
+                pt = self._mmh3(key, 0, False) % view.map.partitions
+            elif partition is not None and partition < view.map.partitions:
+                pt = partition
+            else:
+                raise ValueError(f"partition {partition} is not in range({view.map.partitions})")
+            trace.partition = pt
             owner = view.leaders.get(pt)
             target = _live(view, hint) or _live(view, owner.node_id if owner else None)
             hint = None

@@ -472,3 +472,26 @@ async def test_wait_ready_until_the_cluster_forms(
             assert view.map is not None and len(view.leaders) == P
             assert c.get_leader(c.get_partition("k")) is not None
             nursery.cancel_scope.cancel()
+
+
+async def test_request_by_partition_reaches_that_partitions_leader(
+    etcd: clusterkit.EmbeddedEtcd, prefix: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(nursery, etcd, prefix, 2)
+        for node in nodes:
+
+            async def leads(pt: int, ck: clusterkit.ClusterKit = node.ck) -> list[Any]:
+                return [ck.node_id, ck.is_leader(pt)]
+
+            node.ck.peers.add_handler("leads", leads)
+        async with clusterkit.open_client(client_config(etcd, prefix)) as c:
+            with trio.fail_after(10):
+                for pt in range(P):
+                    node_id, leads_it = await c.request(None, "leads", pt, partition=pt)
+                    assert leads_it and node_id == c.get_leader(pt).id  # type: ignore[union-attr]
+            with pytest.raises(ValueError, match="range"):
+                await c.request(None, "leads", 0, partition=P)
+            with pytest.raises(ValueError, match="one of them"):
+                await c.request("k", "leads", 0, partition=0)
+        nursery.cancel_scope.cancel()
