@@ -29,6 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import msgpack
 
@@ -49,7 +50,7 @@ class Record:
     seq: int = 0  # the producer's sequence number, or for "c" the committed position
 
     def pack(self) -> bytes:
-        body = msgpack.packb(
+        body: bytes = msgpack.packb(
             [
                 self.offset,
                 self.epoch,
@@ -90,7 +91,7 @@ class PartitionLog:
         self.fsync = fsync
         self.records: list[Record] = []  # in memory too: the example keeps it simple
         self._segments: list[tuple[int, Path]] = []  # (first offset, path)
-        self._file: object = None
+        self._file: BinaryIO | None = None
         self._size = 0
         self._synced = 0.0
         self.recovered_bytes_cut = 0
@@ -123,15 +124,17 @@ class PartitionLog:
             if self._file is None or self._size + len(data) > SEGMENT_BYTES:
                 self._roll(record.offset)
             assert self._file is not None
-            self._file.write(data)  # type: ignore[attr-defined]
+            self._file.write(data)
             self._size += len(data)
             self.records.append(record)
-        self._file.flush()  # type: ignore[attr-defined]
+        if self._file is None:  # nothing appended
+            return
+        self._file.flush()
         now = time.monotonic()
         if self.fsync == "always" or (
             self.fsync == "interval" and now - self._synced >= FSYNC_INTERVAL
         ):
-            os.fsync(self._file.fileno())  # type: ignore[attr-defined]
+            os.fsync(self._file.fileno())
             self._synced = now
 
     def truncate(self, offset: int) -> None:
@@ -201,7 +204,7 @@ class PartitionLog:
 
     def _close(self) -> None:
         if self._file is not None:
-            self._file.flush()  # type: ignore[attr-defined]
-            os.fsync(self._file.fileno())  # type: ignore[attr-defined]
-            self._file.close()  # type: ignore[attr-defined]
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
             self._file = None
