@@ -78,6 +78,10 @@ class Nodes:
         self.recovered: dict[str, int] = {}  # records each node recovered from disk at start
 
     async def start(self, nursery: trio.Nursery, node_id: str) -> None:
+        old = self.procs.get(node_id)
+        if old is not None:  # a restart: reap the old process first
+            with trio.fail_after(10):
+                await old.wait()
         proc = await trio.lowlevel.open_process(
             [
                 sys.executable,

@@ -133,6 +133,11 @@ class QueueNode:
             self._rebuild(pt)
         return log
 
+    def close(self) -> None:
+        """Close every log file (the node is gone)."""
+        for log in self.logs.values():
+            log.close()
+
     def recover(self) -> int:
         """Open every log this node kept on disk (before it joins); the records recovered."""
         total = 0
@@ -487,8 +492,7 @@ async def main(args: argparse.Namespace) -> None:
                             await ck.leave(drain=True)
                     break
             nursery.cancel_scope.cancel()
-    for log in node.logs.values():
-        log.close()
+    node.close()
     emit({"event": "left", "node": args.id, "stats": dict(node.stats)})
 
 
