@@ -11,9 +11,10 @@ real error (an actor failed, e.g. NodeIdConflict at start) is raised as itself.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any
@@ -454,9 +455,17 @@ def _node_record(config: Config, peer: str, grpc_port: int) -> Node:
     )
 
 
+Setup = Callable[["ClusterKit"], Awaitable[None] | None]
+
+
 @asynccontextmanager
-async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
+async def open_cluster(config: Config, *, setup: Setup | None = None) -> AsyncIterator[ClusterKit]:
     """Join the cluster for the duration of the ``async with`` block.
+
+    ``setup(ck)`` (sync or async), if given, runs with the handle before any hook and before
+    the block: register peer handlers, the migration source and sink and gRPC services there,
+    and a hook never finds them missing (``async with open_cluster(cfg, setup=app.attach)``).
+    If it raises, the node leaves and the error is raised here.
 
     etcd is reached at ``config.etcd_endpoints`` (which :class:`Config` fills from
     ``$CLUSTERKIT_ETCD_ENDPOINTS`` when the config names none). With neither, an embedded etcd
@@ -479,7 +488,7 @@ async def open_cluster(config: Config) -> AsyncIterator[ClusterKit]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"open_cluster expects a clusterkit.Config, got {type(config).__name__}")
-    async with _open_node(config, _real_etcd(config)) as ck:
+    async with _open_node(config, _real_etcd(config), setup=setup) as ck:
         yield ck
 
 
@@ -607,6 +616,7 @@ async def _open_node(
     etcd_cm: AbstractAsyncContextManager[EtcdClient],
     *,
     network: MemoryNetwork | None = None,
+    setup: Setup | None = None,
 ) -> AsyncIterator[ClusterKit]:
     """``open_cluster`` on a given etcd client (``clusterkit.testing`` passes an in-memory one,
     and an in-process network for the peers)."""
@@ -699,7 +709,11 @@ async def _open_node(
                     etcd, layout, config.node_id, lambda: ck.leave(drain=True), config.log
                 )
                 ck._actors.append(drain_watcher)
-                partitions.open()  # hooks run from here on: the body has its handle first
+                if setup is not None:
+                    prepared = setup(ck)
+                    if inspect.isawaitable(prepared):
+                        await prepared
+                partitions.open()  # hooks run from here on: setup and the body came first
                 nursery.start_soon(drain_watcher.run)
                 current = views.value
                 config.log.info(

@@ -105,12 +105,12 @@ class VirtualCache:
 
     async def start(self, node_id: str) -> None:
         node = self.nodes[node_id] = CacheNode(node_id, max_bytes=64 << 20, warmup=self.warmup)
-        started = await self.cluster.start(
+        await self.cluster.start(
             node_id,
+            setup=node.attach,
             on_partition_assigned=node.on_partition_assigned,
             on_partition_unassigned=node.on_partition_unassigned,
         )
-        node.attach(started.ck)
 
     def leader(self, key: bytes) -> CacheNode | None:
         live = [self.nodes[n] for n in self.cluster.nodes]

@@ -104,12 +104,12 @@ class VirtualStore:
 
     async def start(self, node_id: str) -> None:
         node = self.kv[node_id] = KVNode(node_id)
-        started = await self.cluster.start(
+        await self.cluster.start(
             node_id,
+            setup=node.attach,
             on_partition_assigned=node.on_partition_assigned,
             on_partition_unassigned=node.on_partition_unassigned,
         )
-        node.attach(started.ck)
 
     def leader(self, key: str) -> KVNode | None:
         live = [self.kv[n] for n in self.cluster.nodes]

@@ -113,12 +113,12 @@ class VirtualQueue:
             old.close()
         node = self.nodes[node_id] = QueueNode(node_id, self.root / node_id)
         node.recover()
-        started = await self.cluster.start(
+        await self.cluster.start(
             node_id,
+            setup=node.attach,
             on_partition_assigned=node.on_partition_assigned,
             on_partition_unassigned=node.on_partition_unassigned,
         )
-        node.attach(started.ck)
 
     def leader(self, pt: int) -> QueueNode | None:
         live = [self.nodes[n] for n in self.cluster.nodes]

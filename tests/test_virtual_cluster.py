@@ -206,3 +206,42 @@ async def test_a_node_that_rejoins_resyncs_every_partition_before_leading_again(
         for pt in led_before:  # re-synced before it led again
             kinds = [kind for kind, p, _ in log if p == pt]
             assert kinds.index("assigned") < kinds.index("elected"), kinds
+
+
+async def test_setup_runs_with_the_handle_before_any_hook(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """open_cluster(cfg, setup=...): what the app registers there (handlers, a migration
+    source) is in place before the first hook runs, even when setup itself waits."""
+    ready: dict[str, bool] = {}
+    hook_saw: list[bool] = []
+
+    def hooks(node_id: str) -> dict[str, Any]:
+        async def on_partition_assigned(pt: int, previous: Any) -> None:
+            hook_saw.append(ready.get(node_id, False))
+
+        return {"on_partition_assigned": on_partition_assigned}
+
+    def setup_for(node_id: str) -> Callable[[Any], Any]:
+        async def setup(ck: Any) -> None:
+            assert ck.node_id == node_id
+            await trio.sleep(2)  # longer than the rebalance delay: hooks would be due
+            ready[node_id] = True
+
+        return setup
+
+    async with open_test_cluster(partitions=8, replica_factor=2, rebalance_delay=0.5) as c:
+        await c.start("a", setup=setup_for("a"), **hooks("a"))
+        await c.start("b", setup=setup_for("b"), **hooks("b"))
+        await c.wait_converged()
+        with trio.fail_after(30):
+            while len(hook_saw) < 16:
+                await trio.sleep(0.1)
+        assert all(hook_saw) and len(hook_saw) >= 16
+
+    async def broken(ck: Any) -> None:
+        raise RuntimeError("setup failed")
+
+    async with open_test_cluster(partitions=4, replica_factor=1) as c:
+        with pytest.raises(RuntimeError, match="setup failed"):
+            await c.start("x", setup=broken)

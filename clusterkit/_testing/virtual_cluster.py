@@ -18,7 +18,7 @@ Faults:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -74,8 +74,16 @@ class TestCluster:
         settings.setdefault("etcd_endpoints", ["memory:1"])
         return Config(**settings)
 
-    async def start(self, node_id: str, **overrides: Any) -> TestNode:
+    async def start(
+        self,
+        node_id: str,
+        *,
+        setup: Callable[[ClusterKit], Awaitable[None] | None] | None = None,
+        **overrides: Any,
+    ) -> TestNode:
         """Start a node; returns once it is registered and has a view.
+
+        ``setup`` is ``open_cluster``'s: it runs with the handle before any hook.
 
         Raises:
             ClusterKitError: the node failed to start (e.g. NodeIdConflict).
@@ -94,7 +102,7 @@ class TestCluster:
             node: TestNode | None = None
             try:
                 with trio.CancelScope() as scope:
-                    async with _open_node(config, etcd(), network=self.network) as ck:
+                    async with _open_node(config, etcd(), network=self.network, setup=setup) as ck:
                         node = TestNode(node_id, ck, client, scope)
                         self.nodes[node_id] = node
                         task_status.started(node)

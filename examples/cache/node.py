@@ -85,7 +85,6 @@ class CacheNode:
         self.catchup: dict[int, dict[str, float]] = {}  # pt -> nodes warming up from us
         self.stats: Counter[str] = Counter()
         self._ck: clusterkit.ClusterKit | None = None
-        self.attached = trio.Event()
 
     @property
     def ck(self) -> clusterkit.ClusterKit:
@@ -93,15 +92,15 @@ class CacheNode:
         return self._ck
 
     def attach(self, ck: clusterkit.ClusterKit) -> None:
+        """Register the handlers and the migration source: ``open_cluster(..., setup=...)``
+        runs it before any hook, so the hooks can rely on ``self.ck``."""
         self._ck = ck
         ck.peers.add_handler("cache.replicate", self.replicate)
         ck.migration.source(self.source)
-        self.attached.set()
 
     # -- hooks ---------------------------------------------------------------------------
 
     async def on_partition_assigned(self, pt: int, previous: clusterkit.Node | None) -> None:
-        await self.attached.wait()
         source = previous.id if previous is not None and previous.id != self.node_id else None
         if source is not None and self.warmup == "pull":
             self.warming[pt] = set()
@@ -327,8 +326,8 @@ async def main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             if args.parent_stdin:
                 nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            async with clusterkit.open_cluster(config) as ck:
-                node.attach(ck)
+            # setup: the handlers and the migration source are in place before any hook.
+            async with clusterkit.open_cluster(config, setup=node.attach) as ck:
                 await nursery.start(serve_http, CacheHTTP(node).handle, "127.0.0.1", args.http_port)
                 emit({"event": "up", "node": args.id, "http": ck.node.http_addr()})
                 async for signum in signals:

@@ -108,8 +108,8 @@ async def main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             if args.parent_stdin:
                 nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            async with clusterkit.open_cluster(config) as ck:
-                node.attach(ck)
+            # setup: the handlers and the migration source are in place before any hook.
+            async with clusterkit.open_cluster(config, setup=node.attach) as ck:
                 # The app serves its own HTTP API on http_port, as in the Go example.
                 await nursery.start(serve_http, api.handle, "127.0.0.1", args.http_port)
                 emit({"event": "up", "node": args.id, "http": ck.node.http_addr()})

@@ -304,8 +304,8 @@ async def main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             if args.parent_stdin:
                 nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            async with clusterkit.open_cluster(node_config(node, args)) as ck:
-                node.attach(ck)
+            # setup: the handlers and the migration source are in place before any hook.
+            async with clusterkit.open_cluster(node_config(node, args), setup=node.attach) as ck:
                 emit({"event": "up", "node": args.id, "addr": ck.peers.address, "t": time.time()})
                 async for signum in signals:
                     if signum == signal.SIGTERM:

@@ -103,7 +103,6 @@ class QueueNode:
         ] = {}  # pt -> producer -> (seq, offset)
         self.stats: Counter[str] = Counter()
         self._ck: clusterkit.ClusterKit | None = None
-        self.attached = trio.Event()
 
     @property
     def ck(self) -> clusterkit.ClusterKit:
@@ -111,6 +110,8 @@ class QueueNode:
         return self._ck
 
     def attach(self, ck: clusterkit.ClusterKit) -> None:
+        """Register the handlers and the migration source: ``open_cluster(..., setup=...)``
+        runs it before any hook, so the hooks can rely on ``self.ck``."""
         self._ck = ck
         for name, fn in (
             ("queue.produce", self.produce),
@@ -123,7 +124,6 @@ class QueueNode:
         ):
             ck.peers.add_handler(name, fn)
         ck.migration.source(self.source)
-        self.attached.set()
 
     def log(self, pt: int) -> PartitionLog:
         log = self.logs.get(pt)
@@ -168,7 +168,6 @@ class QueueNode:
     # -- hooks ---------------------------------------------------------------------------
 
     async def on_partition_assigned(self, pt: int, previous: clusterkit.Node | None) -> None:
-        await self.attached.wait()
         self.log(pt)  # recovered from disk, if this node held it before
         source = previous.id if previous is not None and previous.id != self.node_id else None
         if source is not None:
@@ -482,8 +481,8 @@ async def main(args: argparse.Namespace) -> None:
             if args.parent_stdin:
                 nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
             recovered = node.recover()
-            async with clusterkit.open_cluster(config) as ck:
-                node.attach(ck)
+            # setup: the handlers and the migration source are in place before any hook.
+            async with clusterkit.open_cluster(config, setup=node.attach) as ck:
                 emit({"event": "up", "node": args.id, "recovered": recovered})
                 async for signum in signals:
                     if signum == signal.SIGTERM:
