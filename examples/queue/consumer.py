@@ -34,6 +34,11 @@ FETCH_BATCH = 500
 IDLE_POLL = 0.05
 
 
+def partition_of(routing: clusterkit.RoutingClient, topic: str, key: bytes) -> int:
+    """The partition of ``key`` in ``topic``: clusterkit's hash of ``topic/key``."""
+    return routing.get_partition(topic.encode() + b"/" + key)
+
+
 async def produce(
     routing: clusterkit.RoutingClient,
     partition: int,

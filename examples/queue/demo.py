@@ -31,7 +31,7 @@ import trio
 import clusterkit
 from examples.http_kv.demo import _drain
 
-from .consumer import GroupMember, produce
+from .consumer import GroupMember, partition_of, produce
 from .log import Record
 
 TOPIC = "orders"
@@ -198,9 +198,10 @@ async def run(
                     while sent[0] < messages:
                         n = min(batch, messages - sent[0])
                         sent[0] += n
-                        pt = rng.randrange(partitions)
+                        key = b"customer-%d" % rng.randrange(1000)  # its messages in order
+                        pt = partition_of(routing, TOPIC, key)
                         msgs = [
-                            (b"k%d" % pt, b"%s:%d" % (name.encode(), seq + i), name, seq + i)
+                            (key, b"%s:%d" % (name.encode(), seq + i), name, seq + i)
                             for i in range(n)
                         ]
                         started = trio.current_time()
