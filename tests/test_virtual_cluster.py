@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+import clusterkit
 from clusterkit.testing import TestCluster, open_test_cluster
 
 P = 8
@@ -245,3 +246,51 @@ async def test_setup_runs_with_the_handle_before_any_hook(
     async with open_test_cluster(partitions=4, replica_factor=1) as c:
         with pytest.raises(RuntimeError, match="setup failed"):
             await c.start("x", setup=broken)
+
+
+async def test_streams_of_one_push_never_apply_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three streams of the same transfer arrive together (a pusher that resumed twice): each
+    takes the transfer over from the one before, so the sink never runs for two at once."""
+    async with open_test_cluster(partitions=4, replica_factor=1) as c:
+        node = await c.start("a")
+        migration = node.ck.migration
+        running = [0]
+        overlaps = [0]
+
+        @migration.sink
+        async def sink(pt: int, entries: list[clusterkit.MigrationEntry]) -> None:
+            running[0] += 1
+            overlaps[0] += running[0] > 1
+            try:
+                await trio.sleep(1)
+            finally:
+                running[0] -= 1
+
+        def stream(start: int) -> Callable[[], Any]:
+            sent = [0]
+
+            async def next_batch() -> Any:
+                if sent[0] == 3:
+                    return None
+                sent[0] += 1
+                key = b"k%d-%d" % (start, sent[0])
+                return {"partition": 1, "kvs": [{"key": key, "value": b"v"}], "resume_token": key}
+
+            return next_batch
+
+        outcomes: list[str] = []
+
+        async def push(i: int) -> None:
+            try:
+                await migration._apply_push(1, "t", None, stream(i), "peer")
+                outcomes.append("done")
+            except clusterkit.RemoteError as exc:
+                outcomes.append(exc.remote_type)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(push, i)
+        assert overlaps[0] == 0
+        assert sorted(outcomes) == ["Superseded", "Superseded", "done"]

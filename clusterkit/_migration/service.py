@@ -862,7 +862,7 @@ class Migration:
         await self._take_over(key)
         done = trio.Event()
         scope = trio.CancelScope()
-        self._active[key] = (scope, done)
+        self._active[key] = (scope, done)  # (no checkpoint since _take_over returned)
         try:
             with scope:
                 return await self._apply_batches(key, next_batch, remote, sink, started)
@@ -873,10 +873,11 @@ class Migration:
             done.set()
 
     async def _take_over(self, key: tuple[int, str]) -> None:
-        """Stop an older stream of the same push and wait until it stopped: the position
-        is then final, and a resumed stream never overlaps the one it replaces."""
-        active = self._active.get(key)
-        if active is not None:
+        """Stop any older stream of the same push and wait until it stopped: the position
+        is then final, and a resumed stream never overlaps the one it replaces. Returns when
+        none is active; the caller registers itself with no checkpoint in between, so two
+        streams that take over at once still run one after the other."""
+        while (active := self._active.get(key)) is not None:
             active[0].cancel()
             await active[1].wait()
 
