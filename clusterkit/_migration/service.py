@@ -418,54 +418,72 @@ class Migration:
         )
         pacer = _Pacer(rate_keys, rate_bytes, started)
         last_key: bytes | None = None  # ``after`` is an opaque token, not necessarily a key
+
+        async def attempt() -> None:
+            nonlocal last_key
+            last_key = await self._pull_once(
+                from_node,
+                sink,
+                progress,
+                pacer,
+                last_key,
+                started,
+                on_progress,
+                epoch=epoch,
+                hints=(batch_keys, batch_bytes, int(rate_bytes or 0)),
+                stall=stall_timeout + (batch_bytes / rate_bytes if rate_bytes else 0),
+                transport=transport,
+            )
+
+        what = f"pull of partition {partition} from {_name(from_node)}"
+        await self._with_resumes(what, attempt, progress, started, timeout, max_resumes, "pull")
+        self._stats["pulls_complete"] += 1
+        return progress
+
+    async def _with_resumes(
+        self,
+        what: str,
+        attempt: Callable[[], Awaitable[None]],
+        progress: MigrationProgress,
+        started: float,
+        timeout: float | None,
+        max_resumes: int,
+        kind: str,
+    ) -> None:
+        """Run ``attempt()`` until it completes; after a break, resume it (jittered exponential
+        backoff, reset by progress) up to ``max_resumes`` times within ``timeout``.
+
+        Raises:
+            MigrationInterrupted: too many breaks, or ``timeout`` passed.
+        """
         backoff = BACKOFF_MIN
         deadline = math.inf if timeout is None else started + timeout
         with trio.move_on_at(deadline):
             while True:
                 keys_before = progress.keys
                 try:
-                    last_key = await self._pull_once(
-                        from_node,
-                        sink,
-                        progress,
-                        pacer,
-                        last_key,
-                        started,
-                        on_progress,
-                        epoch=epoch,
-                        hints=(batch_keys, batch_bytes, int(rate_bytes or 0)),
-                        stall=stall_timeout + (batch_bytes / rate_bytes if rate_bytes else 0),
-                        transport=transport,
-                    )
-                    self._stats["pulls_complete"] += 1
-                    return progress
+                    await attempt()
+                    return
                 except _Broken as broken:
                     failure = broken.__cause__ or broken
                 progress.elapsed = trio.current_time() - started
                 if progress.resumes >= max_resumes:
                     raise MigrationInterrupted(
-                        f"pull of partition {partition} from {_name(from_node)} broke "
-                        f"{progress.resumes + 1} times; last: {failure}",
+                        f"{what} broke {progress.resumes + 1} times; last: {failure}",
                         progress=dataclasses.replace(progress),
                     ) from failure
                 if progress.keys > keys_before:
                     backoff = BACKOFF_MIN
                 self._log.info(
-                    "clusterkit %s: pull of partition %d from %s broke (%s); resuming",
-                    self._node_id,
-                    partition,
-                    _name(from_node),
-                    failure,
+                    "clusterkit %s: %s broke (%s); resuming", self._node_id, what, failure
                 )
                 await trio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 progress.resumes += 1
-                self._stats["pull_resumes"] += 1
+                self._stats[f"{kind}_resumes"] += 1
         progress.elapsed = trio.current_time() - started
         raise MigrationInterrupted(
-            f"pull of partition {partition} from {_name(from_node)} did not finish within "
-            f"{timeout}s",
-            progress=dataclasses.replace(progress),
+            f"{what} did not finish within {timeout}s", progress=dataclasses.replace(progress)
         )
 
     async def _pull_once(
@@ -623,54 +641,26 @@ class Migration:
         transfer = f"{self._node_id}/{secrets.token_hex(8)}"
         progress = MigrationProgress(partition, snapshot_revision=snapshot_revision)
         pacer = _Pacer(rate_keys, rate_bytes, started)
-        backoff = BACKOFF_MIN
-        deadline = math.inf if timeout is None else started + timeout
-        with trio.move_on_at(deadline):
-            while True:
-                keys_before = progress.keys
-                try:
-                    await self._push_once(
-                        to_node,
-                        source,
-                        progress,
-                        pacer,
-                        transfer,
-                        started,
-                        on_progress,
-                        epoch=epoch,
-                        hints=(batch_keys, batch_bytes),
-                        stall=stall_timeout + (batch_bytes / rate_bytes if rate_bytes else 0),
-                        transport=transport,
-                    )
-                    self._stats["pushes_complete"] += 1
-                    return progress
-                except _Broken as broken:
-                    failure = broken.__cause__ or broken
-                progress.elapsed = trio.current_time() - started
-                if progress.resumes >= max_resumes:
-                    raise MigrationInterrupted(
-                        f"push of partition {partition} to {_name(to_node)} broke "
-                        f"{progress.resumes + 1} times; last: {failure}",
-                        progress=dataclasses.replace(progress),
-                    ) from failure
-                if progress.keys > keys_before:
-                    backoff = BACKOFF_MIN
-                self._log.info(
-                    "clusterkit %s: push of partition %d to %s broke (%s); resuming",
-                    self._node_id,
-                    partition,
-                    _name(to_node),
-                    failure,
-                )
-                await trio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                progress.resumes += 1
-                self._stats["push_resumes"] += 1
-        progress.elapsed = trio.current_time() - started
-        raise MigrationInterrupted(
-            f"push of partition {partition} to {_name(to_node)} did not finish within {timeout}s",
-            progress=dataclasses.replace(progress),
-        )
+
+        async def attempt() -> None:
+            await self._push_once(
+                to_node,
+                source,
+                progress,
+                pacer,
+                transfer,
+                started,
+                on_progress,
+                epoch=epoch,
+                hints=(batch_keys, batch_bytes),
+                stall=stall_timeout + (batch_bytes / rate_bytes if rate_bytes else 0),
+                transport=transport,
+            )
+
+        what = f"push of partition {partition} to {_name(to_node)}"
+        await self._with_resumes(what, attempt, progress, started, timeout, max_resumes, "push")
+        self._stats["pushes_complete"] += 1
+        return progress
 
     async def _push_once(
         self,
@@ -839,10 +829,13 @@ class Migration:
                 f"is {known}",
             )
         if self._sink is None:
-            raise RemoteError(
-                "NoMigrationSink", f"node {self._node_id} has no partition sink (ck.migration.sink)"
-            )
+            raise self._no_sink()
         return partition, transfer, epoch
+
+    def _no_sink(self) -> RemoteError:
+        return RemoteError(
+            "NoMigrationSink", f"node {self._node_id} has no partition sink (ck.migration.sink)"
+        )
 
     async def _apply_push(
         self,
@@ -977,9 +970,7 @@ class Migration:
         """A plain client's push: each KeyValue goes to its partition's sink, in runs."""
         sink = self._sink
         if sink is None:
-            raise RemoteError(
-                "NoMigrationSink", f"node {self._node_id} has no partition sink (ck.migration.sink)"
-            )
+            raise self._no_sink()
         started = trio.current_time()
         run: list[MigrationEntry] = []
         run_partition = -1

@@ -47,20 +47,19 @@ import trio
 
 import clusterkit
 from examples.http_kv.http import serve_http
-from examples.kv_store.node import emit, until_stdin_closes
+from examples.kv_store.node import (
+    ReplicationFailed,
+    emit,
+    send_to_replicas,
+    until_stdin_closes,
+)
 
 from .cache import Cache, Version
 
-REPLICATE_TIMEOUT = 2.0
-CATCHUP_GRACE = 30.0
 DEFAULT_TTL = 300.0
 MAX_TTL = 86_400.0
 
 Response = tuple[int, list[tuple[str, str]], bytes]
-
-
-class ReplicationFailed(clusterkit.ClusterKitError):
-    """A live replica did not take the write: it is not acknowledged."""
 
 
 class StaleEpoch(clusterkit.ClusterKitError):
@@ -166,48 +165,11 @@ class CacheNode:
         self.stats["deletes" if value is None else "writes"] += 1
         return version
 
-    def _targets(self, pt: int) -> tuple[list[clusterkit.Node], set[str]]:
-        view = self.ck.view
-        ids: set[str] = set()
-        if view.map is not None:
-            ids.update(view.map.replicas[pt])
-            ids.update(view.map.pending.get(pt, ()))
-        warming_only: set[str] = set()
-        now = trio.current_time()
-        pulling = self.catchup.get(pt, {})
-        for node_id, since in list(pulling.items()):
-            if node_id in ids:
-                continue
-            if now - since < CATCHUP_GRACE:
-                warming_only.add(node_id)
-            else:
-                del pulling[node_id]
-        ids = (ids | warming_only) - {self.node_id}
-        return [view.nodes[i] for i in sorted(ids) if i in view.nodes], warming_only
-
     async def _replicate(
         self, pt: int, key: bytes, value: bytes | None, version: Version, ttl: float
     ) -> None:
-        targets, warming_only = self._targets(pt)
-        failed: list[str] = []
         message = {"p": pt, "k": key, "v": value, "e": version[0], "s": version[1], "t": ttl}
-
-        async def one(node: clusterkit.Node) -> None:
-            try:
-                await self.ck.peers.request(
-                    node, "cache.replicate", message, timeout=REPLICATE_TIMEOUT
-                )
-            except clusterkit.RemoteError as exc:
-                if exc.remote_type == "NotHeld" and node.id in warming_only:
-                    self.catchup.get(pt, {}).pop(node.id, None)
-                    return
-                failed.append(f"{node.id}: {exc}")
-            except clusterkit.PeerError as exc:
-                failed.append(f"{node.id}: {exc}")
-
-        async with trio.open_nursery() as nursery:
-            for node in targets:
-                nursery.start_soon(one, node)
+        failed = await send_to_replicas(self.ck, pt, "cache.replicate", message, self.catchup)
         if failed:
             self.stats["replication_failures"] += 1
             raise ReplicationFailed(f"partition {pt}: not replicated to {'; '.join(failed)}")

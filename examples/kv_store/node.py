@@ -178,50 +178,9 @@ class KVNode:
         self.stats["writes"] += 1
         return {"epoch": entry.epoch, "seq": entry.seq}
 
-    def _targets(self, pt: int) -> tuple[list[clusterkit.Node], set[str]]:
-        """Where a write of ``pt`` goes: its replicas and joiners in the map, and the nodes
-        pulling it from us (the second result: those only pulling, not in our map)."""
-        view = self.ck.view
-        ids: set[str] = set()
-        if view.map is not None:
-            ids.update(view.map.replicas[pt])
-            ids.update(view.map.pending.get(pt, ()))
-        pulling_only: set[str] = set()
-        now = trio.current_time()
-        pulling = self.catchup.get(pt, {})
-        for node_id, since in list(pulling.items()):
-            if node_id in ids:
-                continue
-            if now - since < CATCHUP_GRACE:
-                pulling_only.add(node_id)
-            else:
-                del pulling[node_id]
-        ids = (ids | pulling_only) - {self.node_id}
-        return [view.nodes[i] for i in sorted(ids) if i in view.nodes], pulling_only
-
     async def _replicate(self, pt: int, key: str, entry: Entry) -> None:
-        targets, pulling_only = self._targets(pt)
-        failed: list[str] = []
         message = {"p": pt, "k": key, "v": entry.value, "e": entry.epoch, "s": entry.seq}
-
-        async def one(node: clusterkit.Node) -> None:
-            try:
-                await self.ck.peers.request(
-                    node, "kv.replicate", message, timeout=REPLICATE_TIMEOUT
-                )
-            except clusterkit.RemoteError as exc:
-                if exc.remote_type == "NotHeld" and node.id in pulling_only:
-                    # A puller that has since dropped the partition (it moved on before our
-                    # view showed it in the map): it needs no more writes.
-                    self.catchup.get(pt, {}).pop(node.id, None)
-                    return
-                failed.append(f"{node.id}: {exc}")
-            except clusterkit.PeerError as exc:
-                failed.append(f"{node.id}: {exc}")
-
-        async with trio.open_nursery() as nursery:
-            for node in targets:
-                nursery.start_soon(one, node)
+        failed = await send_to_replicas(self.ck, pt, "kv.replicate", message, self.catchup)
         if failed:
             self.stats["replication_failures"] += 1
             raise ReplicationFailed(f"partition {pt}: not replicated to {'; '.join(failed)}")
@@ -265,6 +224,65 @@ class KVNode:
             "keys": sum(d.live_keys() for d in self.store.partitions.values()),
             "stats": dict(self.stats),
         }
+
+
+def replica_targets(
+    ck: clusterkit.ClusterKit, catchup: dict[int, dict[str, float]], pt: int
+) -> tuple[list[clusterkit.Node], set[str]]:
+    """Where a leader's write of ``pt`` goes: its replicas and joiners in the map, and the
+    nodes copying it from this node (``catchup``: pt -> node -> since; the second result:
+    those only copying, not in the map). Copiers are dropped after ``CATCHUP_GRACE``."""
+    view = ck.view
+    ids: set[str] = set()
+    if view.map is not None:
+        ids.update(view.map.replicas[pt])
+        ids.update(view.map.pending.get(pt, ()))
+    copying_only: set[str] = set()
+    now = trio.current_time()
+    copying = catchup.get(pt, {})
+    for node_id, since in list(copying.items()):
+        if node_id in ids:
+            continue
+        if now - since < CATCHUP_GRACE:
+            copying_only.add(node_id)
+        else:
+            del copying[node_id]
+    ids = (ids | copying_only) - {ck.node_id}
+    return [view.nodes[i] for i in sorted(ids) if i in view.nodes], copying_only
+
+
+async def send_to_replicas(
+    ck: clusterkit.ClusterKit,
+    pt: int,
+    method: str,
+    message: Any,
+    catchup: dict[int, dict[str, float]],
+    *,
+    timeout: float = REPLICATE_TIMEOUT,
+) -> list[str]:
+    """Send ``message`` to every target of ``pt`` at once; the failures (empty: all took it).
+
+    A node only copying the partition that answers ``NotHeld`` has since dropped it (it moved
+    on before our view showed it in the map): it needs no more writes, and is not a failure.
+    """
+    targets, copying_only = replica_targets(ck, catchup, pt)
+    failed: list[str] = []
+
+    async def one(node: clusterkit.Node) -> None:
+        try:
+            await ck.peers.request(node, method, message, timeout=timeout)
+        except clusterkit.RemoteError as exc:
+            if exc.remote_type == "NotHeld" and node.id in copying_only:
+                catchup.get(pt, {}).pop(node.id, None)
+                return
+            failed.append(f"{node.id}: {exc}")
+        except clusterkit.PeerError as exc:
+            failed.append(f"{node.id}: {exc}")
+
+    async with trio.open_nursery() as nursery:
+        for node in targets:
+            nursery.start_soon(one, node)
+    return failed
 
 
 def node_config(node: KVNode, args: argparse.Namespace) -> clusterkit.Config:

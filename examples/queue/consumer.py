@@ -9,7 +9,8 @@ clusterkit cluster of their own (prefix ``<queue prefix>-groups/<group>``, the q
 partition count, one replica), so clusterkit spreads the queue's partitions over the members,
 moves them when a member joins or dies (after its session TTL), and elects one member per
 partition with a fencing epoch. A member consumes exactly the partitions it *leads* in its
-group's cluster, inside ``ck.leadership(pt)``: it reads the group's committed position from the
+group's cluster (a task started by ``on_leader_elected``, cancelled by ``on_leader_lost``),
+inside ``ck.leadership(pt)``: it reads the group's committed position from the
 queue, fetches records after it from the queue partition's leader, hands them to the handler in
 offset order, and commits the position after each batch. A member that dies stops committing;
 the member that takes the partition over resumes from the last committed position, so the
@@ -87,6 +88,9 @@ class GroupMember:
         self.handler = handler
         self.consumed = 0
         self.runs = 0
+        self._ck: clusterkit.ClusterKit | None = None
+        self._nursery: trio.Nursery | None = None
+        self._leads: dict[int, trio.CancelScope] = {}
         self.config = clusterkit.Config(
             node_id=member_id,
             etcd_endpoints=etcd_endpoints,
@@ -99,23 +103,39 @@ class GroupMember:
             metrics_port=None,
             session_ttl=session_ttl,
             rebalance_delay=0.5,
+            on_leader_elected=self._elected,
+            on_leader_lost=self._lost,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with clusterkit.open_cluster(self.config) as ck, trio.open_nursery() as nursery:
-            for pt in range(self.config.partitions):
-                nursery.start_soon(self._partition, ck, pt)
-            task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with clusterkit.open_cluster(self.config, setup=self._attach):
+                task_status.started()
+                await trio.sleep_forever()
 
-    async def _partition(self, ck: clusterkit.ClusterKit, pt: int) -> None:
-        while True:
-            while not ck.is_leader(pt):
-                await trio.sleep(0.1)  # a clock comparison: polled
+    def _attach(self, ck: clusterkit.ClusterKit) -> None:
+        self._ck = ck
+
+    # The hooks: a consuming task exists only for a partition this member leads.
+    async def _elected(self, pt: int) -> None:
+        assert self._nursery is not None
+        scope = self._leads[pt] = trio.CancelScope()
+        self._nursery.start_soon(self._lead, pt, scope)
+
+    async def _lost(self, pt: int) -> None:
+        scope = self._leads.pop(pt, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _lead(self, pt: int, scope: trio.CancelScope) -> None:
+        assert self._ck is not None
+        with scope:
             try:
-                async with ck.leadership(pt):
+                async with self._ck.leadership(pt):
                     await self._consume(pt)
             except clusterkit.NotLeader:
-                pass  # lost it: another member resumes from the committed position
+                pass  # lost it already: its next leader resumes from the committed position
 
     async def _consume(self, pt: int) -> None:
         call = self._call

@@ -57,12 +57,16 @@ import trio
 import trio.lowlevel
 
 import clusterkit
-from examples.kv_store.node import emit, until_stdin_closes
+from examples.kv_store.node import (
+    ReplicationFailed,
+    emit,
+    replica_targets,
+    until_stdin_closes,
+)
 
 from .log import PartitionLog, Record
 
 REPLICATE_TIMEOUT = 3.0
-CATCHUP_GRACE = 30.0
 MAX_GAP = 20_000  # records a leader sends a replica behind it with a batch, at most
 MAX_PENDING = 200_000  # appends a replica keeps aside while it copies the partition
 FETCH_SCAN = 5_000
@@ -74,10 +78,6 @@ class NotHeld(clusterkit.ClusterKitError):
 
 class StaleEpoch(clusterkit.ClusterKitError):
     """An append from a leader older than one this replica knows."""
-
-
-class ReplicationFailed(clusterkit.ClusterKitError):
-    """A live replica did not append the batch: it is not acknowledged."""
 
 
 def offset_key(offset: int) -> bytes:
@@ -280,27 +280,8 @@ class QueueNode:
         await self._replicate(pt, epoch, records)
         self.hw[pt] = records[-1].offset + 1
 
-    def _targets(self, pt: int) -> tuple[list[clusterkit.Node], set[str]]:
-        view = self.ck.view
-        ids: set[str] = set()
-        if view.map is not None:
-            ids.update(view.map.replicas[pt])
-            ids.update(view.map.pending.get(pt, ()))
-        copying_only: set[str] = set()
-        now = trio.current_time()
-        pulling = self.catchup.get(pt, {})
-        for node_id, since in list(pulling.items()):
-            if node_id in ids:
-                continue
-            if now - since < CATCHUP_GRACE:
-                copying_only.add(node_id)
-            else:
-                del pulling[node_id]
-        ids = (ids | copying_only) - {self.node_id}
-        return [view.nodes[i] for i in sorted(ids) if i in view.nodes], copying_only
-
     async def _replicate(self, pt: int, epoch: int, records: list[Record]) -> None:
-        targets, copying_only = self._targets(pt)
+        targets, copying_only = replica_targets(self.ck, self.catchup, pt)
         log = self.log(pt)
         failed: list[str] = []
 
