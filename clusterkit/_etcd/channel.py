@@ -1,12 +1,14 @@
 """Connection settings for etcd and the gRPC channels built from them.
 
-Two grpc.aio channels per endpoint, each created lazily on the loop of the bridge that uses it
-(see bridge.py): the "main" lane for KV, watch and everything else, and the "lease" lane for
-lease calls and the keepalive stream. Each uses its own subchannel pool, hence its own TCP
-connection, so a keepalive never waits behind bulk traffic in a shared HTTP/2 connection.
+Three channels per endpoint, each created lazily and each with a TCP connection of its own:
+the unary calls of the "main" lane (KV, maintenance, cluster, auth) on a Trio HTTP/2 channel
+(http2.py), and two grpc.aio channels on the loops of the bridges (bridge.py): the watch
+stream's, and the "lease" lane's for lease calls and the keepalive stream, so a keepalive
+never waits behind bulk traffic in a shared HTTP/2 connection.
 Calls go to the *current* endpoint; when it fails
 with UNAVAILABLE the client moves on to the next one (round robin), so a cluster with one
-member down keeps serving. Channel options are tuned for etcd:
+member down keeps serving. Channel options are tuned for etcd (the HTTP/2 channel does the
+same keepalive by itself):
 
 - keepalive pings every 5 s (etcd's default enforcement minimum; more often earns a GOAWAY
   "too_many_pings") with a short ping timeout, so a silent server — a SIGSTOPped process, a
@@ -20,6 +22,8 @@ member down keeps serving. Channel options are tuned for etcd:
 from __future__ import annotations
 
 import os
+import ssl
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,18 +31,23 @@ import grpc
 import grpc.aio
 
 from .._errors import ConfigError
+from . import http2
 from .pb.etcdserverpb import rpc_pb2_grpc
 
+_KEEPALIVE = 5.0
+_KEEPALIVE_TIMEOUT = 2.0
+_MAX_RECEIVE = 256 * 1024 * 1024
+
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 2_000),
-    ("grpc.http2.ping_timeout_ms", 2_000),
+    ("grpc.keepalive_time_ms", int(_KEEPALIVE * 1000)),
+    ("grpc.keepalive_timeout_ms", int(_KEEPALIVE_TIMEOUT * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(_KEEPALIVE_TIMEOUT * 1000)),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", _MAX_RECEIVE),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.enable_retries", 0),
 )
@@ -129,7 +138,12 @@ class Endpoint:
             ("grpc.use_local_subchannel_pool", 1),
         ]
         self.credentials: grpc.ChannelCredentials | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.server_name = config.server_name
         if config.tls:
+            self.ssl_context = _ssl_context(
+                _read(config.ca_cert), _read(config.cert), _read(config.key)
+            )
             if config.server_name:
                 self.options.append(("grpc.ssl_target_name_override", config.server_name))
             self.credentials = grpc.ssl_channel_credentials(
@@ -144,14 +158,44 @@ class Endpoint:
             return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
         return grpc.aio.insecure_channel(self.target, options=self.options)
 
+    def open_http2_channel(self) -> http2.Channel:
+        """A new Trio HTTP/2 channel to this endpoint, for unary calls (see http2.py)."""
+        return http2.Channel(
+            self.target,
+            context=self.ssl_context,
+            server_name=self.server_name,
+            keepalive=_KEEPALIVE,
+            keepalive_timeout=_KEEPALIVE_TIMEOUT,
+            max_receive=_MAX_RECEIVE,
+        )
+
     def __repr__(self) -> str:
         return f"<Endpoint {self.target}>"
 
 
-class Stubs:
-    """Our generated stubs on one grpc.aio channel."""
+def _ssl_context(ca: bytes | None, cert: bytes | None, key: bytes | None) -> ssl.SSLContext:
+    """The TLS settings of ``grpc.ssl_channel_credentials`` for an ``ssl`` socket: verify the
+    server against ``ca`` (or the system's roots), present ``cert`` when given, ALPN h2."""
+    context = ssl.create_default_context(cadata=ca.decode() if ca else None)
+    if ca is None:
+        context.load_default_certs()
+    context.set_alpn_protocols(["h2"])
+    if cert is not None and key is not None:
+        # ``load_cert_chain`` reads files only: a private directory that lives for the call.
+        with tempfile.TemporaryDirectory(prefix="clusterkit-tls-") as tmp:
+            cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            for path, data in ((cert_path, cert), (key_path, key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            context.load_cert_chain(cert_path, key_path)
+    return context
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+
+class Stubs:
+    """Our generated stubs on one channel (grpc.aio's, or http2's for unary methods)."""
+
+    def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.kv = rpc_pb2_grpc.KVStub(channel)
         self.watch = rpc_pb2_grpc.WatchStub(channel)

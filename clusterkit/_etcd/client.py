@@ -1,9 +1,9 @@
 """The typed async etcd v3 client that the rest of clusterkit (and apps) use.
 
-Every call runs on one of the client's two :class:`AioBridge` s (grpc.aio on a loop thread,
-batched Trio wakeups, real cancellation, a gRPC deadline on every call): lease calls and the
-keepalive stream on the lease bridge, with a connection of their own, everything else on the
-main one. Failures are translated by table into clusterkit errors. Failover:
+Unary calls run in the Trio thread on an HTTP/2 channel of our own (http2.py: real
+cancellation, a gRPC deadline on every call, no thread); lease calls and the keepalive stream
+run on the lease :class:`AioBridge` (grpc.aio on a loop thread, a connection of their own), and
+the watch stream on the main bridge. Failures are translated by table into clusterkit errors. Failover:
 when the current endpoint is UNAVAILABLE the client moves to the next one; calls that are safe
 to repeat (reads, lease grant/keepalive/time-to-live, status, member list) are retried at once
 on the next endpoint, writes are not — the caller decides, because a write that timed out may
@@ -24,7 +24,7 @@ import trio
 from .._core.histogram import OperationStats
 from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
 from .bridge import AioBridge
-from .channel import Endpoint, Endpoints, EtcdConfig
+from .channel import Endpoint, Endpoints, EtcdConfig, Stubs
 from .lease import KeepAlivePump, LeaseKeepAliveHub
 from .pb.authpb import auth_pb2
 from .pb.etcdserverpb import rpc_pb2
@@ -175,6 +175,7 @@ class EtcdClient:
         self.endpoints = Endpoints(config)
         self.bridge = AioBridge()
         self.lease_bridge = AioBridge("etcd-lease", poller=self.bridge)
+        self._http2: dict[str, Stubs] = {}  # endpoint target -> stubs on its HTTP/2 channel
         self._token: str | None = None
         self._stale_stream_token: str | None = None
         self._auth_lock = trio.Lock()
@@ -194,12 +195,28 @@ class EtcdClient:
         return {
             **{f"watch_{k}": v for k, v in self._watches.statistics().items()},
             **{f"keepalive_{k}": v for k, v in self._keepalives.statistics().items()},
-            **self.bridge.statistics(),
+            **self._unary_statistics(),
             **{f"lease_{k}": v for k, v in self.lease_bridge.statistics().items()},
             "reauthentications": self.reauthentications,
         }
 
+    def _unary_statistics(self) -> dict[str, int]:
+        stats = self.bridge.statistics()
+        for stubs in self._http2.values():
+            channel = stubs.channel
+            stats["rpc_started"] += channel.started
+            stats["rpc_in_flight"] += channel.started - channel.finished
+            stats["rpc_cancelled"] += channel.cancelled
+        return stats
+
     # -- plumbing -----------------------------------------------------------------------
+
+    def _stubs(self, endpoint: Endpoint) -> Stubs:
+        """The stubs on ``endpoint``'s HTTP/2 channel (unary methods only)."""
+        stubs = self._http2.get(endpoint.target)
+        if stubs is None:
+            stubs = self._http2[endpoint.target] = Stubs(endpoint.open_http2_channel())
+        return stubs
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
         return (("token", self._token),) if self._token else None
@@ -254,17 +271,21 @@ class EtcdClient:
             while True:
                 endpoint: Endpoint = self.endpoints.current
                 token = self._token
-                lease = service == "lease"
+                metadata = self._metadata() if auth else None
                 try:
-                    result = await (self.lease_bridge if lease else self.bridge).unary(
-                        endpoint,
-                        service,
-                        method,
-                        request,
-                        timeout=timeout,
-                        metadata=self._metadata() if auth else None,
-                        lane="lease" if lease else "main",
-                    )
+                    if service == "lease":
+                        result = await self.lease_bridge.unary(
+                            endpoint,
+                            service,
+                            method,
+                            request,
+                            timeout=timeout,
+                            metadata=metadata,
+                            lane="lease",
+                        )
+                    else:
+                        call = getattr(getattr(self._stubs(endpoint), service), method)
+                        result = await call(request, timeout=timeout, metadata=metadata)
                 except grpc.RpcError as exc:
                     error = translate(exc)
                 else:
@@ -624,6 +645,8 @@ class EtcdClient:
         with trio.CancelScope(shield=True):
             await self._watches.aclose()
             await self._keepalives.aclose()
+            for stubs in self._http2.values():
+                stubs.channel.close()
             # The lease bridge first: the main bridge's loop reads its gRPC completions.
             await self.lease_bridge.aclose()
             await self.bridge.aclose()
