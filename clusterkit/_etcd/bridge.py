@@ -19,18 +19,10 @@ The two threads talk through two queues, each with ONE wakeup per batch, not per
   ``run_sync_soon``: a burst of completions wakes Trio once.
 
 Both queues have an urgent lane that is drained first (cancellations, and the lease lane).
-A client runs two bridges: one for KV, watch and everything else, and one for lease calls and
-the keepalive stream, whose channel is a connection of its own. So a keepalive is never queued
-behind bulk Txns or large range answers: not in a bridge's queues, not in the asyncio loop's
-FIFO of ready callbacks, and not in a shared HTTP/2 connection's flow-control window. (Both
-bridges still share the GIL and the Trio scheduler with everything else in the process.)
-gRPC's poller thread signals each completion with one byte on a socket that every loop with a
-channel watches; the lease bridge stops watching it once the main bridge's loop does
-(:func:`_stop_polling`), and the main loop hands it its completions. Otherwise every
-completion woke both loop threads, and half of the main bridge's completions took an extra hop
-through the lease loop (measured: a lone call's latency about 5% lower; the CPU of 100
-concurrent puts changed less than this machine's noise). The client closes the lease bridge
-first, while the main loop still reads.
+The etcd client runs one bridge, for lease calls and the keepalive stream, whose channel is a
+connection of its own: its other calls and the watch stream run in the Trio thread (http2.py).
+The node's gRPC server and channels run on another (clusterkit._grpc). gRPC's poller thread
+signals each completion with one byte on a socket that every loop with a channel watches.
 
 Unary calls (:meth:`AioBridge.unary`): the Trio task parks in ``wait_task_rescheduled``; the
 loop starts the call on our generated stub and a done-callback posts its outcome (no asyncio
@@ -56,7 +48,10 @@ thread) cost twice as much. A lone call pays for its wakeups: Trio -> loop, gRPC
 loop, loop -> Trio, where a blocking call has its own thread woken once by the network. Each
 wakeup costs 50-150 us on a small VM (traced, p50 of a lone get: 45-75 us to reach the loop,
 135-160 us back to Trio), so a lone call is about 1.4-1.7x a blocking one there; asyncio
-clients on grpc.aio, with one hop fewer, measure 1.15-1.3x.
+clients on grpc.aio, with one hop fewer, measure 1.15-1.3x. That is why the etcd client's
+unary calls and its watch stream now run in the Trio thread (http2.py), with no hop at all;
+the lease lane stays here, where its keepalives are sent by the loop itself even while the
+Trio thread is starved (lease.py's pump).
 """
 
 from __future__ import annotations
@@ -103,12 +98,8 @@ class AioBridge:
     Trio side (one Trio run owns it).
     """
 
-    def __init__(self, name: str = "etcd", *, poller: AioBridge | None = None) -> None:
+    def __init__(self, name: str = "etcd") -> None:
         self._name = name
-        # gRPC's completions: read by this loop, or (``poller``) by that bridge's loop.
-        self._poller = poller
-        self._released = poller is None
-        self.bound = False  # a channel exists on this loop: gRPC reads completions with it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -246,12 +237,6 @@ class AioBridge:
         stubs = self._stubs.get(key)
         if stubs is None:
             stubs = self._stubs[key] = Stubs(endpoint.open_aio_channel())
-            self.bound = True
-            self._released = self._poller is None
-        if not self._released and self._poller is not None and self._poller.bound:
-            assert self._loop is not None  # (stubs() runs on the loop)
-            _stop_polling(self._loop)
-            self._released = True
         return stubs
 
     # -- unary calls ----------------------------------------------------------------------
@@ -537,33 +522,3 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
         _log.debug("clusterkit: a gRPC completion for a closed bridge was dropped")
         return
     loop.default_exception_handler(context)
-
-
-def _stop_polling(loop: asyncio.AbstractEventLoop) -> None:
-    """Take gRPC's completion socket off ``loop``'s selector.
-
-    grpc.aio has one poller thread per process. It queues each completion and writes one byte
-    to a socket that every loop with a channel watches, so every completion wakes every such
-    loop: one reads the byte, handles the queue and hands other loops their completions with
-    ``call_soon_threadsafe``; the others wake for nothing. A bridge whose completions another
-    bridge's loop can read (the lease bridge: the main one) stops watching, which saves a
-    thread wakeup per completion and a hop for half of the main bridge's completions.
-    The reader is found by its callback (``PollerCompletionQueue._handle_events``); a grpcio
-    whose internals differ leaves it in place, which costs the wakeups and nothing else.
-    """
-    for fd in grpc_completion_readers(loop):
-        loop.remove_reader(fd)
-
-
-def grpc_completion_readers(loop: asyncio.AbstractEventLoop | None) -> list[int]:
-    """The file descriptors ``loop`` watches for gRPC's poller (its completion socket)."""
-    selector = getattr(loop, "_selector", None)
-    if selector is None:
-        return []
-    found = []
-    for key in selector.get_map().values():
-        reader = key.data[0] if isinstance(key.data, tuple) else None
-        callback = getattr(getattr(reader, "_callback", None), "func", None)
-        if getattr(callback, "__name__", "") == "_handle_events":
-            found.append(key.fd)
-    return found

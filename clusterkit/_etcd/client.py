@@ -1,9 +1,9 @@
 """The typed async etcd v3 client that the rest of clusterkit (and apps) use.
 
-Unary calls run in the Trio thread on an HTTP/2 channel of our own (http2.py: real
-cancellation, a gRPC deadline on every call, no thread); lease calls and the keepalive stream
-run on the lease :class:`AioBridge` (grpc.aio on a loop thread, a connection of their own), and
-the watch stream on the main bridge. Failures are translated by table into clusterkit errors. Failover:
+Unary calls and the watch stream run in the Trio thread on an HTTP/2 channel of our own
+(http2.py: real cancellation, a gRPC deadline on every call, no thread); lease calls and the
+keepalive stream run on the lease :class:`AioBridge` (grpc.aio on a loop thread, a connection
+of its own). Failures are translated by table into clusterkit errors. Failover:
 when the current endpoint is UNAVAILABLE the client moves to the next one; calls that are safe
 to repeat (reads, lease grant/keepalive/time-to-live, status, member list) are retried at once
 on the next endpoint, writes are not — the caller decides, because a write that timed out may
@@ -14,7 +14,7 @@ when etcd rejects the token as invalid or expired.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ import trio
 
 from .._core.histogram import OperationStats
 from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
+from . import http2
 from .bridge import AioBridge
 from .channel import Endpoint, Endpoints, EtcdConfig, Stubs
 from .lease import KeepAlivePump, LeaseKeepAliveHub
@@ -173,8 +174,7 @@ class EtcdClient:
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
         self.endpoints = Endpoints(config)
-        self.bridge = AioBridge()
-        self.lease_bridge = AioBridge("etcd-lease", poller=self.bridge)
+        self.lease_bridge = AioBridge("etcd-lease")
         self._http2: dict[str, Stubs] = {}  # endpoint target -> stubs on its HTTP/2 channel
         self._token: str | None = None
         self._stale_stream_token: str | None = None
@@ -201,7 +201,7 @@ class EtcdClient:
         }
 
     def _unary_statistics(self) -> dict[str, int]:
-        stats = self.bridge.statistics()
+        stats = {"rpc_started": 0, "rpc_in_flight": 0, "rpc_cancelled": 0}
         for stubs in self._http2.values():
             channel = stubs.channel
             stats["rpc_started"] += channel.started
@@ -309,6 +309,23 @@ class EtcdClient:
         except Exception:  # (a cancelled call is not counted: it did not fail)
             self.operations.failed(_OP_NAMES.get(method, method), time.perf_counter() - started)
             raise
+
+    def open_stream(
+        self,
+        endpoint: Endpoint,
+        service: str,
+        method: str,
+        *,
+        metadata: tuple[tuple[str, str], ...],
+        on_response: Callable[[Any], None],
+        on_error: Callable[[BaseException | None], None],
+    ) -> http2.BidiStream:
+        """Open a bidirectional stream on ``endpoint``'s HTTP/2 channel (see http2.py)."""
+        opener = getattr(getattr(self._stubs(endpoint), service), method)
+        stream: http2.BidiStream = opener.open(
+            metadata=metadata, on_response=on_response, on_error=on_error
+        )
+        return stream
 
     # -- KV -----------------------------------------------------------------------------
 
@@ -627,8 +644,9 @@ class EtcdClient:
         """Open the Watch and LeaseKeepAlive streams now and keep them for the client's life.
 
         The first watch and the first keepalive then need no stream set-up, and a broken
-        connection shows up at once. Streams add no thread (they are tasks on the bridges'
-        loops), so the client's threads are fixed from here on: its two bridge loops (plus
+        connection shows up at once. Streams add no thread (the watch stream runs in the Trio
+        thread, keepalives are tasks on the lease bridge's loop), so the client's threads are
+        fixed from here on: the lease bridge's loop (plus
         gRPC's one poller thread per process). ``open_etcd_client`` calls this once connected.
         """
         if not self._closed:
@@ -638,7 +656,7 @@ class EtcdClient:
     # -- lifetime ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close streams and channels and stop the bridges' threads. Idempotent."""
+        """Close streams and channels and stop the lease bridge's thread. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -647,9 +665,7 @@ class EtcdClient:
             await self._keepalives.aclose()
             for stubs in self._http2.values():
                 stubs.channel.close()
-            # The lease bridge first: the main bridge's loop reads its gRPC completions.
             await self.lease_bridge.aclose()
-            await self.bridge.aclose()
 
 
 @asynccontextmanager

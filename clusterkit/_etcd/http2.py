@@ -85,6 +85,7 @@ _HEADER = struct.Struct(">HBBBL")  # length (24 bits as H + B), type, flags, str
 _U32 = struct.Struct(">L")
 _RECV_CHUNK = 256 * 1024
 _MAX_HEADER_BLOCK = 1024 * 1024
+_STREAM_WINDOW = 16 * 1024 * 1024  # per stream; returned in steps of 1/8
 
 Metadata = Sequence[tuple[str, str]] | None
 
@@ -262,7 +263,9 @@ class _Socket:
                 await self._await_sent()
                 data = await self._recv_raw()
                 if not data:
-                    raise ConnectionResetError("the server closed the connection during TLS")
+                    raise ConnectionResetError(
+                        "the server closed the connection during TLS"
+                    ) from None
                 incoming.write(data)
         self._flush_tls()
         await self._await_sent()
@@ -367,55 +370,117 @@ class _Socket:
         self.sock.close()
 
 
-# -- calls and connections ------------------------------------------------------------------
+# -- streams on a connection ----------------------------------------------------------------
 
 
-class _Call:
-    """One unary call: its stream, what arrived for it, and the task waiting for it."""
+class _Stream:
+    """What a connection knows of one HTTP/2 stream: a unary call or a bidirectional stream."""
 
     __slots__ = (
         "block",
         "body",
-        "data",
+        "conn",
         "done",
-        "error",
+        "end_stream",
         "headers",
+        "held",
+        "received",
+        "returned",
         "send_window",
         "stream_id",
-        "task",
-        "trailers",
     )
 
-    def __init__(self, block: bytes, body: bytes) -> None:
-        self.block = block
-        self.body = body  # DATA still to send (all of it until the stream is opened)
-        self.task: trio.lowlevel.Task | None = None  # set while the caller is parked
+    def __init__(self, block: bytes, body: bytes, end_stream: bool) -> None:
+        self.block = block  # the header block, until the stream is opened
+        self.body = body  # DATA not yet sent (the windows were full, or not yet opened)
+        self.end_stream = end_stream  # the last DATA ends our side (unary)
+        self.conn: Connection | None = None
         self.stream_id = 0
         self.send_window = 0
-        self.data = bytearray()
+        self.received = 0  # DATA bytes read on this stream
+        self.returned = 0  # ... of which given back to the server's window
+        self.held = 0  # ... of which the consumer still holds (not to be given back)
         self.headers: list[tuple[bytes, bytes]] | None = None
+        self.done = False
+
+    def data_received(self, flags: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def trailers_received(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def ended(self, error: RpcError) -> None:
+        """The stream ended without its trailers (reset, connection lost, cancelled)."""
+        raise NotImplementedError
+
+    def _return_window(self) -> None:
+        conn = self.conn
+        if conn is None or self.done:
+            return
+        n = self.received - self.held - self.returned
+        if n >= _STREAM_WINDOW // 8:
+            self.returned += n
+            conn.write(frame(WINDOW_UPDATE, 0, self.stream_id, _U32.pack(n)))
+
+
+class _Call(_Stream):
+    """One unary call: what arrived for it, and the task waiting for it."""
+
+    __slots__ = ("data", "error", "max_receive", "task", "trailers")
+
+    def __init__(self, block: bytes, body: bytes, max_receive: int) -> None:
+        super().__init__(block, body, True)
+        self.task: trio.lowlevel.Task | None = None  # set while the caller is parked
+        self.data = bytearray()
+        self.max_receive = max_receive
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.error: RpcError | None = None
-        self.done = False
+
+    def data_received(self, flags: int, payload: bytes) -> None:
+        self.data += payload
+        self.received += len(payload)
+        conn = self.conn
+        assert conn is not None
+        if len(self.data) > self.max_receive:
+            conn.reset(self)
+            self._finish(RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the response is too large"))
+        elif flags & END_STREAM:
+            conn.closed(self)
+            self._finish(None)
+        else:
+            self._return_window()
+
+    def trailers_received(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = trailers
+        self._finish(None)
+
+    def ended(self, error: RpcError) -> None:
+        self._finish(error)
+
+    def _finish(self, error: RpcError | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
 
 class Connection:
     """One HTTP/2 connection to one server, owned by the Trio thread."""
 
-    def __init__(
-        self, target: str, *, keepalive: float, keepalive_timeout: float, max_receive: int
-    ) -> None:
+    def __init__(self, target: str, *, keepalive: float, keepalive_timeout: float) -> None:
         self.target = target
-        self.max_receive = max_receive + 5  # the message and its gRPC prefix
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
         self.sock: _Socket | None = None
         self.ready = trio.Event()
         self.error: RpcError | None = None  # set once: the connection is unusable
         self.draining = False  # GOAWAY seen or ids exhausted: no new streams
-        self.calls: dict[int, _Call] = {}
-        self.waiting: deque[_Call] = deque()  # over MAX_CONCURRENT_STREAMS
-        self.blocked: deque[_Call] = deque()  # DATA waiting for window
+        self.streams: dict[int, _Stream] = {}
+        self.waiting: deque[_Stream] = deque()  # not yet opened (connecting, or at the limit)
+        self.blocked: deque[_Stream] = deque()  # DATA waiting for window
         self.next_id = 1
         self.max_streams = 2**31
         self.max_frame = 16_384
@@ -423,7 +488,6 @@ class Connection:
         self.send_window = 65_535
         self.unacked = 0  # DATA bytes read since the last connection WINDOW_UPDATE
         self.last_read = time.monotonic()
-        self.ping_sent: float | None = None
         self.decoder = _Decoder()
         self.scope = trio.CancelScope()
         self._partial: tuple[int, int, bytearray] | None = None  # HEADERS + CONTINUATIONs
@@ -431,7 +495,11 @@ class Connection:
 
     def __repr__(self) -> str:
         state = "failed" if self.error else ("draining" if self.draining else "open")
-        return f"<http2.Connection {self.target} {state} calls={len(self.calls)}>"
+        return f"<http2.Connection {self.target} {state} streams={len(self.streams)}>"
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and not self.draining
 
     # -- life -----------------------------------------------------------------------
 
@@ -443,17 +511,14 @@ class Connection:
             except (OSError, ssl.SSLError, trio.TooSlowError) as exc:
                 self.fail(f"failed to connect to {self.target}: {exc}")
                 return
-            self.sock.write(
+            settings = struct.pack(">HLHL", S_ENABLE_PUSH, 0, S_INITIAL_WINDOW_SIZE, _STREAM_WINDOW)
+            self.write(
                 PREFACE
-                + frame(
-                    SETTINGS,
-                    0,
-                    0,
-                    struct.pack(">HLHL", S_ENABLE_PUSH, 0, S_INITIAL_WINDOW_SIZE, MAX_WINDOW),
-                )
+                + frame(SETTINGS, 0, 0, settings)
                 + frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - 65_535))
             )
             self.ready.set()
+            self._open_waiting()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._guard, self.sock.writer)
@@ -470,16 +535,16 @@ class Connection:
             self.fail(f"connection to {self.target} failed: {exc!r}")
 
     def fail(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
-        """Fail every call on the connection and close it (idempotent)."""
+        """End every stream on the connection and close it (idempotent)."""
         if self.error is None:
             self.error = RpcError(code, details)
         self.ready.set()
-        calls = [*self.calls.values(), *self.waiting]
-        self.calls.clear()
+        streams = [*self.streams.values(), *self.waiting]
+        self.streams.clear()
         self.waiting.clear()
         self.blocked.clear()
-        for call in calls:
-            self._finish(call, self.error)
+        for stream in streams:
+            stream.ended(self.error)
         if self.sock is not None and self.sock.broken is None:
             self.sock.broken = ConnectionAbortedError("closed")  # no more writes
         self.scope.cancel()  # run() closes the socket once its tasks have stopped
@@ -487,37 +552,40 @@ class Connection:
             on_closed, self.on_closed = self.on_closed, None
             on_closed(self)
 
-    @property
-    def usable(self) -> bool:
-        return self.error is None and not self.draining
-
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         sock = self.sock
-        assert sock is not None
+        if sock is None or self.error is not None:
+            return
         sock.write(data)
-        if sock.broken is not None and self.error is None:
+        if sock.broken is not None:
             self.fail(f"connection to {self.target} failed: {sock.broken!r}")
 
-    # -- calls ------------------------------------------------------------------------
+    # -- opening, sending, closing streams --------------------------------------------
 
-    def start(self, call: _Call) -> None:
-        """Open ``call``'s stream now, or queue it behind MAX_CONCURRENT_STREAMS."""
+    def start(self, stream: _Stream) -> None:
+        """Open ``stream`` now, or once connected and under MAX_CONCURRENT_STREAMS."""
+        stream.conn = self
         if self.error is not None:
-            self._finish(call, self.error)
-        elif len(self.calls) >= self.max_streams:
-            self.waiting.append(call)
+            stream.ended(self.error)
+        elif not self.ready.is_set() or len(self.streams) >= self.max_streams:
+            self.waiting.append(stream)
         else:
-            self._open(call)
+            self._open(stream)
 
-    def _open(self, call: _Call) -> None:
+    def _open_waiting(self) -> None:
+        while self.waiting and len(self.streams) < self.max_streams and self.error is None:
+            self._open(self.waiting.popleft())
+
+    def _open(self, stream: _Stream) -> None:
         sid = self.next_id
         self.next_id += 2
         if self.next_id > MAX_STREAM_ID:
             self.draining = True
-        call.stream_id = sid
-        call.send_window = self.peer_initial_window
-        self.calls[sid] = call
-        block = call.block
+        stream.stream_id = sid
+        stream.send_window = self.peer_initial_window
+        self.streams[sid] = stream
+        block = stream.block
+        stream.block = b""
         out = []
         first = True
         while first or block:
@@ -525,63 +593,57 @@ class Connection:
             kind = HEADERS if first else CONTINUATION
             out.append(frame(kind, 0 if block else END_HEADERS, sid, chunk))
             first = False
-        call.block = b""
-        out.append(self._data_frames(call))
-        self._write(b"".join(out))
+        out.append(self._data_frames(stream))
+        self.write(b"".join(out))
 
-    def _data_frames(self, call: _Call) -> bytes:
-        """As much of ``call.body`` as the windows allow, as DATA frames."""
+    def send(self, stream: _Stream, data: bytes) -> None:
+        """Queue DATA on an open (or waiting) stream and send what the windows allow."""
+        stream.body += data
+        if stream.stream_id and stream not in self.blocked:
+            self.write(self._data_frames(stream))
+
+    def _data_frames(self, stream: _Stream) -> bytes:
+        """As much of ``stream.body`` as the windows allow, as DATA frames."""
         out = []
-        body = call.body
+        body = stream.body
         while body:
-            n = min(len(body), self.max_frame, call.send_window, self.send_window)
+            n = min(len(body), self.max_frame, stream.send_window, self.send_window)
             if n <= 0:
                 break
             chunk, body = body[:n], body[n:]
-            call.send_window -= n
+            stream.send_window -= n
             self.send_window -= n
-            out.append(frame(DATA, 0 if body else END_STREAM, call.stream_id, chunk))
-        call.body = body
+            last = stream.end_stream and not body
+            out.append(frame(DATA, END_STREAM if last else 0, stream.stream_id, chunk))
+        stream.body = body
         if body:
-            self.blocked.append(call)
+            self.blocked.append(stream)
         return b"".join(out)
 
     def _unblock(self) -> None:
         blocked, self.blocked = self.blocked, deque()
-        out = []
-        for call in blocked:
-            if call.stream_id in self.calls:
-                out.append(self._data_frames(call))
+        out = [self._data_frames(s) for s in blocked if s.stream_id in self.streams]
         if out:
-            self._write(b"".join(out))
+            self.write(b"".join(out))
 
-    def cancel(self, call: _Call) -> None:
-        """The caller gave up: reset the stream (or drop it from the queue)."""
-        call.task = None
-        if call.done:
+    def reset(self, stream: _Stream) -> None:
+        """We end ``stream``: RST_STREAM(CANCEL), or drop it if it was never opened."""
+        if stream.stream_id == 0:
+            if stream in self.waiting:
+                self.waiting.remove(stream)
             return
-        call.done = True
-        if call.stream_id == 0:
-            if call in self.waiting:
-                self.waiting.remove(call)
-            return
-        if self.calls.pop(call.stream_id, None) is not None and self.error is None:
-            self._write(frame(RST_STREAM, 0, call.stream_id, _U32.pack(E_CANCEL)))
-            self._stream_closed()
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self.write(frame(RST_STREAM, 0, stream.stream_id, _U32.pack(E_CANCEL)))
+            self._stream_gone()
 
-    def _finish(self, call: _Call, error: RpcError | None = None) -> None:
-        if call.done:
-            return
-        call.done = True
-        call.error = error
-        task, call.task = call.task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+    def closed(self, stream: _Stream) -> None:
+        """The server ended ``stream`` (END_STREAM)."""
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self._stream_gone()
 
-    def _stream_closed(self) -> None:
-        while self.waiting and len(self.calls) < self.max_streams and self.error is None:
-            self._open(self.waiting.popleft())
-        if self.draining and not self.calls and not self.waiting:
+    def _stream_gone(self) -> None:
+        self._open_waiting()
+        if self.draining and not self.streams and not self.waiting:
             self.fail(f"connection to {self.target} drained")
 
     # -- reading ---------------------------------------------------------------------
@@ -590,15 +652,11 @@ class Connection:
         while True:
             await trio.sleep(self.keepalive)
             now = time.monotonic()
-            if self.ping_sent is not None:
-                continue
-            if self.calls and now - self.last_read >= self.keepalive:
-                self.ping_sent = now
-                self._write(frame(PING, 0, 0, b"ckping00"))
+            if self.streams and now - self.last_read >= self.keepalive:
+                self.write(frame(PING, 0, 0, b"ckping00"))
                 with trio.move_on_after(self.keepalive_timeout):
                     while self.last_read < now:
                         await trio.sleep(self.keepalive_timeout / 8)
-                    self.ping_sent = None
                     continue
                 self.fail(f"{self.target} did not answer a keepalive ping")
                 return
@@ -631,11 +689,18 @@ class Connection:
         if self._partial is not None and kind != CONTINUATION:
             raise ValueError("a header block was interrupted")
         if kind == DATA:
-            self._on_data(flags, sid, payload)
+            self.unacked += len(payload)
+            if self.unacked >= MAX_WINDOW // 2:
+                self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
+                self.unacked = 0
+            stream = self.streams.get(sid)
+            if stream is not None:  # (a stream we reset: its data only counts for the window)
+                if flags & PADDED:
+                    payload = payload[1 : len(payload) - payload[0]]
+                stream.data_received(flags, payload)
         elif kind == HEADERS:
             if flags & PADDED:
-                pad = payload[0]
-                payload = payload[1 : len(payload) - pad]
+                payload = payload[1 : len(payload) - payload[0]]
             if flags & PRIORITY_FLAG:
                 payload = payload[5:]
             if flags & END_HEADERS:
@@ -660,57 +725,31 @@ class Connection:
             self._on_window_update(sid, _U32.unpack(payload)[0] & MAX_WINDOW)
         elif kind == PING:
             if not flags & ACK:
-                self._write(frame(PING, ACK, 0, payload))
+                self.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
-            call = self.calls.pop(sid, None)
-            if call is not None:
+            stream = self.streams.pop(sid, None)
+            if stream is not None:
                 (code,) = _U32.unpack(payload)
                 status = _RST_CODES.get(code, grpc.StatusCode.INTERNAL)
-                self._finish(call, RpcError(status, f"stream reset by the server (code {code})"))
-                self._stream_closed()
+                stream.ended(RpcError(status, f"stream reset by the server (code {code})"))
+                self._stream_gone()
         elif kind == GOAWAY:
             self._on_goaway(payload)
         elif kind == PUSH_PROMISE:
             raise ValueError("PUSH_PROMISE although push is disabled")
         # PRIORITY and unknown frame types are ignored.
 
-    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
-        self.unacked += len(payload)
-        if self.unacked >= MAX_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
-            self.unacked = 0
-        call = self.calls.get(sid)
-        if call is None:
-            return  # a stream we reset: its data only counts for the window
-        if flags & PADDED:
-            payload = payload[1 : len(payload) - payload[0]]
-        call.data += payload
-        if len(call.data) > self.max_receive:
-            del self.calls[sid]
-            self._write(frame(RST_STREAM, 0, sid, _U32.pack(E_CANCEL)))
-            error = RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the response is too large")
-            self._finish(call, error)
-            self._stream_closed()
-        elif flags & END_STREAM:
-            self._close_stream(call, None)
-
     def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
         headers = self.decoder.decode(block)  # always: the table must follow the server's
-        call = self.calls.get(sid)
-        if call is None:
-            return
-        if call.headers is None and not flags & END_STREAM:
-            call.headers = headers
+        stream = self.streams.get(sid)
+        if stream is None:
             return
         if flags & END_STREAM:
-            self._close_stream(call, headers)
+            self.closed(stream)
+            stream.trailers_received(headers)
+        elif stream.headers is None:
+            stream.headers = headers
         # (HEADERS in the middle of a stream are not gRPC: ignored.)
-
-    def _close_stream(self, call: _Call, trailers: list[tuple[bytes, bytes]] | None) -> None:
-        del self.calls[call.stream_id]
-        call.trailers = trailers
-        self._finish(call)
-        self._stream_closed()
 
     def _on_settings(self, payload: bytes) -> None:
         for i in range(0, len(payload) - 5, 6):
@@ -722,24 +761,24 @@ class Connection:
                     raise ValueError("INITIAL_WINDOW_SIZE too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
-                for call in self.calls.values():
-                    call.send_window += delta
+                for stream in self.streams.values():
+                    stream.send_window += delta
             elif ident == S_MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise ValueError("MAX_FRAME_SIZE out of range")
                 self.max_frame = value
-        self._write(frame(SETTINGS, ACK, 0))
+        self.write(frame(SETTINGS, ACK, 0))
         self._unblock()
-        self._stream_closed()  # a larger MAX_CONCURRENT_STREAMS may start queued calls
+        self._open_waiting()  # a larger MAX_CONCURRENT_STREAMS may open waiting streams
 
     def _on_window_update(self, sid: int, increment: int) -> None:
         if sid == 0:
             self.send_window += increment
         else:
-            call = self.calls.get(sid)
-            if call is None:
+            stream = self.streams.get(sid)
+            if stream is None:
                 return
-            call.send_window += increment
+            stream.send_window += increment
         if self.blocked:
             self._unblock()
 
@@ -751,22 +790,21 @@ class Connection:
         if code != E_NO_ERROR:
             extra = payload[8:].decode("utf-8", "replace")
             _log.info("clusterkit: etcd %s sent GOAWAY %s %s", self.target, code, extra)
-        for sid in [s for s in self.calls if s > last]:
-            self._finish(self.calls.pop(sid), RpcError(grpc.StatusCode.UNAVAILABLE, details))
-        waiting, self.waiting = list(self.waiting), deque()
-        for call in waiting:
-            self._finish(call, RpcError(grpc.StatusCode.UNAVAILABLE, details))
-        self._stream_closed()
+        gone = [self.streams.pop(s) for s in list(self.streams) if s > last]
+        gone += self.waiting
+        self.waiting.clear()
+        for stream in gone:
+            stream.ended(RpcError(grpc.StatusCode.UNAVAILABLE, details))
+        self._stream_gone()
 
 
-def _status(call: _Call) -> RpcError | None:
-    """The call's gRPC status from its trailers (or its HTTP status), None when OK."""
-    trailers = call.trailers
-    if trailers is None:
-        return RpcError(grpc.StatusCode.INTERNAL, "the server ended the stream without a status")
+def _status(
+    headers: list[tuple[bytes, bytes]] | None, trailers: list[tuple[bytes, bytes]]
+) -> RpcError | None:
+    """The gRPC status of a finished stream (from its trailers, or its HTTP status)."""
     found = dict(trailers)
-    if call.headers is not None:
-        found = {**dict(call.headers), **found}
+    if headers is not None:
+        found = {**dict(headers), **found}
     status = found.get(b"grpc-status")
     if status is None:
         http = found.get(b":status", b"")
@@ -779,15 +817,21 @@ def _status(call: _Call) -> RpcError | None:
     return RpcError(code, message)
 
 
+def _message(body: bytes) -> bytes:
+    """``body`` as one uncompressed gRPC message (its 5-byte prefix, then the bytes)."""
+    return b"\x00" + _U32.pack(len(body)) + body
+
+
 # -- the channel: what the generated stubs call ---------------------------------------------
 
 
 class Channel:
-    """A gRPC channel to one endpoint whose unary methods are Trio calls.
+    """A gRPC channel to one endpoint whose methods are Trio calls.
 
     The generated stubs take it as their channel (``KVStub(channel)``): ``stub.Range`` is then
-    a :class:`UnaryMethod`, ``await stub.Range(request, timeout=5)``. Other arities are not
-    provided (streams use the grpc.aio bridge).
+    a :class:`UnaryMethod`, ``await stub.Range(request, timeout=5)``, and ``stub.Watch`` a
+    :class:`StreamMethod` that opens a :class:`BidiStream`. There is one connection at a time;
+    a failed or draining one is replaced on the next call.
     """
 
     def __init__(
@@ -831,22 +875,29 @@ class Channel:
     ) -> UnaryMethod:
         return UnaryMethod(self, path, request_serializer, response_deserializer)
 
-    def stream_stream(self, path: str, *args: Any, **kwargs: Any) -> None:
-        return None  # not provided here: streams run on the grpc.aio bridge
+    def stream_stream(
+        self,
+        path: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        **_: Any,
+    ) -> StreamMethod:
+        return StreamMethod(self, path, request_serializer, response_deserializer)
 
-    unary_stream = stream_unary = stream_stream
+    def unary_stream(self, path: str, *args: Any, **kwargs: Any) -> None:
+        return None  # etcd's only such method (Snapshot) is not used
 
-    def _connection(self) -> Connection:
+    stream_unary = unary_stream
+
+    def connection(self) -> Connection:
+        """The current connection, or a new one (connecting in a system task)."""
         conn = self._conn
         if conn is not None and conn.usable:
             return conn
         if self._closed:
             raise RpcError(grpc.StatusCode.CANCELLED, "the etcd client is closed")
         conn = self._conn = Connection(
-            self.target,
-            keepalive=self.keepalive,
-            keepalive_timeout=self.keepalive_timeout,
-            max_receive=self.max_receive,
+            self.target, keepalive=self.keepalive, keepalive_timeout=self.keepalive_timeout
         )
         conn.on_closed = self._connections.discard
         self._connections.add(conn)
@@ -859,7 +910,7 @@ class Channel:
         return conn
 
     def close(self) -> None:
-        """Fail every call in flight (CANCELLED) and close the connections."""
+        """End every call and stream (CANCELLED) and close the connections."""
         self._closed = True
         for conn in list(self._connections):
             conn.fail("the etcd client is closed", grpc.StatusCode.CANCELLED)
@@ -885,7 +936,7 @@ async def _guarded(conn: Connection, connect: Callable[[], Any]) -> None:
 class UnaryMethod:
     """One unary method of one channel: ``await method(request, timeout=..., metadata=...)``."""
 
-    __slots__ = ("_blocks", "channel", "deserialize", "path", "serialize")
+    __slots__ = ("_block", "channel", "deserialize", "path", "serialize")
 
     def __init__(
         self,
@@ -898,30 +949,29 @@ class UnaryMethod:
         self.path = path
         self.serialize = serialize or (lambda m: m)
         self.deserialize = deserialize or (lambda b: b)
-        self._blocks = request_block(path, channel.authority, channel.context is not None)
+        self._block = request_block(path, channel.authority, channel.context is not None)
 
     async def __call__(self, request: Any, *, timeout: float, metadata: Metadata = None) -> Any:
         """Call the method; raises :class:`RpcError` unless the status is OK."""
         await trio.lowlevel.checkpoint_if_cancelled()
         channel = self.channel
-        body = self.serialize(request)
-        block = self._blocks + literal(b"grpc-timeout", grpc_timeout(timeout))
+        block = self._block + literal(b"grpc-timeout", grpc_timeout(timeout))
         if metadata:
             block += b"".join(literal(k.encode(), v.encode()) for k, v in metadata)
-        call = _Call(block, b"\x00" + _U32.pack(len(body)) + body)
-        deadline = trio.current_time() + timeout
+        call = _Call(block, _message(self.serialize(request)), channel.max_receive + 5)
         channel.started += 1
         try:
-            with trio.CancelScope(deadline=deadline) as scope:
-                conn = channel._connection()
-                if not conn.ready.is_set():
-                    await conn.ready.wait()
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                conn = channel.connection()
                 conn.start(call)
                 if not call.done:
 
                     def abort(_: Any) -> trio.lowlevel.Abort:
-                        conn.cancel(call)
-                        channel.cancelled += 1
+                        call.task = None
+                        if not call.done:
+                            call.done = True
+                            conn.reset(call)
+                            channel.cancelled += 1
                         return trio.lowlevel.Abort.SUCCEEDED
 
                     call.task = trio.lowlevel.current_task()
@@ -932,7 +982,9 @@ class UnaryMethod:
             channel.finished += 1
         if call.error is not None:
             raise call.error
-        error = _status(call)
+        if call.trailers is None:
+            raise RpcError(grpc.StatusCode.INTERNAL, "the server ended the call without status")
+        error = _status(call.headers, call.trailers)
         if error is not None:
             raise error
         return self._decode(call.data)
@@ -945,6 +997,158 @@ class UnaryMethod:
         (length,) = _U32.unpack_from(data, 1)
         if length + 5 != len(data):
             raise RpcError(grpc.StatusCode.INTERNAL, "the server sent a malformed response")
-        if length > self.channel.max_receive:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the response is too large")
         return self.deserialize(bytes(memoryview(data)[5:]))
+
+
+class StreamMethod:
+    """One bidirectional method of one channel: ``method.open(...)`` opens a stream."""
+
+    __slots__ = ("_block", "channel", "deserialize", "path", "serialize")
+
+    def __init__(
+        self,
+        channel: Channel,
+        path: str,
+        serialize: Callable[[Any], bytes] | None,
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> None:
+        self.channel = channel
+        self.path = path
+        self.serialize = serialize or (lambda m: m)
+        self.deserialize = deserialize or (lambda b: b)
+        self._block = request_block(path, channel.authority, channel.context is not None)
+
+    def open(
+        self,
+        *,
+        metadata: Metadata,
+        on_response: Callable[[Any], None],
+        on_error: Callable[[BaseException | None], None],
+    ) -> BidiStream:
+        """Open a stream; see :class:`BidiStream` for the callbacks."""
+        block = self._block
+        if metadata:
+            block += b"".join(literal(k.encode(), v.encode()) for k, v in metadata)
+        return BidiStream(self, block, on_response, on_error)
+
+
+class BidiStream(_Stream):
+    """A bidirectional gRPC stream read by the connection's reader task, in the Trio thread.
+
+    ``on_response(message)`` runs in the reader task for every message and must not block;
+    ``on_error(exc)`` runs once when the stream ends: with the :class:`RpcError` (or
+    ``EOFError`` for a clean end by the server) that ended it, or ``None`` after
+    :meth:`aclose`. Neither is ever called from inside :meth:`send`, :meth:`release` or the
+    constructor. The consumer calls :meth:`release` once for every message it has finished
+    with: the bytes of messages not yet released are kept out of the stream's HTTP/2 window,
+    so a consumer that holds ``_STREAM_WINDOW`` bytes of them stops the server (flow control)
+    instead of growing memory.
+    """
+
+    __slots__ = ("_buffer", "_on_error", "_on_response", "_reported", "_sizes", "method")
+
+    def __init__(
+        self,
+        method: StreamMethod,
+        block: bytes,
+        on_response: Callable[[Any], None],
+        on_error: Callable[[BaseException | None], None],
+    ) -> None:
+        super().__init__(block, b"", False)
+        self.method = method
+        self._on_response = on_response
+        self._on_error = on_error
+        self._buffer = bytearray()
+        self._sizes: deque[int] = deque()  # sizes of the messages not yet released
+        self._reported = False
+        try:
+            conn = method.channel.connection()
+        except RpcError as exc:
+            self.ended(exc)
+            return
+        conn.start(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream has ended, by error or by :meth:`aclose`."""
+        return self.done
+
+    def send(self, request: Any) -> None:
+        """Send a request on the stream (never blocks; queued while the windows are full)."""
+        if self.done or self.conn is None:
+            return
+        self.conn.send(self, _message(self.method.serialize(request)))
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` messages' worth of window after consuming ``n`` messages."""
+        while n > 0 and self._sizes:
+            self.held -= self._sizes.popleft()
+            n -= 1
+        self._return_window()
+
+    async def aclose(self) -> None:
+        """Reset the stream (RST_STREAM) and report its end (``on_error(None)``)."""
+        await trio.lowlevel.checkpoint()
+        if not self.done:
+            self.done = True
+            if self.conn is not None:
+                self.conn.reset(self)
+            self._report(None)
+
+    # Called by the connection.
+    def data_received(self, flags: int, payload: bytes) -> None:
+        self.received += len(payload)
+        buffer = self._buffer
+        buffer += payload
+        while len(buffer) >= 5 and not self.done:
+            (length,) = _U32.unpack_from(buffer, 1)
+            if len(buffer) < 5 + length:
+                break
+            if buffer[0] != 0:
+                self._abort(RpcError(grpc.StatusCode.INTERNAL, "a compressed message"))
+                return
+            data = bytes(memoryview(buffer)[5 : 5 + length])
+            del buffer[: 5 + length]
+            self.held += 5 + length
+            self._sizes.append(5 + length)
+            try:
+                message = self.method.deserialize(data)
+                self._on_response(message)
+            except BaseException as exc:  # a bad message or consumer: end the stream
+                self._abort(exc)
+                return
+        if len(buffer) > self.method.channel.max_receive + 5:
+            self._abort(RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "a message is too large"))
+            return
+        if flags & END_STREAM and not self.done:
+            conn = self.conn
+            assert conn is not None
+            conn.closed(self)
+            self.ended(RpcError(grpc.StatusCode.INTERNAL, "the stream ended without status"))
+            return
+        self._return_window()
+
+    def trailers_received(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        error = _status(self.headers, trailers)
+        self.ended(error if error is not None else EOFError("stream ended"))
+
+    def ended(self, error: BaseException) -> None:
+        # Reported from the Trio scheduler, never from inside the caller's send() or the
+        # constructor (a write that finds the connection broken ends the stream at once).
+        self.done = True
+        if not self._reported:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._report, error)
+
+    def _abort(self, error: BaseException) -> None:
+        if self.conn is not None and not self.done:
+            self.conn.reset(self)
+        self.ended(error)
+
+    def _report(self, error: BaseException | None) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        try:
+            self._on_error(error)
+        except Exception:  # the reader task must go on
+            _log.exception("clusterkit: a stream's on_error raised")

@@ -5,8 +5,9 @@ Theory of operation
 etcd lets one Watch stream carry many watchers, each named by a ``watch_id`` that the client
 may choose (etcd >= 3.4). The hub opens the stream lazily (with ``hasleader=true`` metadata,
 so a member that loses its raft leader ends the stream instead of going silent), gives every
-watch a fresh id, and routes each response to its watch's queue. The stream is a reader and a
-writer task on the client's bridge loop: no thread of its own, however many watches there are.
+watch a fresh id, and routes each response to its watch's queue. The stream runs on the
+client's HTTP/2 channel in the Trio thread (http2.py): its responses are handed to the hub by
+the connection's reader task as they are read, with no thread, however many watches there are.
 
 Each watch's queue holds responses in arrival order and ends with at most one terminal error,
 so a consumer always sees every event delivered before the failure and then the failure:
@@ -19,8 +20,8 @@ so a consumer always sees every event delivered before the failure and then the 
   every watch on it; the next watch opens a new stream (possibly on another endpoint).
 
 Events are never dropped or merged: the hub does not ask for fragments, and one etcd response
-becomes one :class:`WatchBatch`. Flow control is the bridge's credit: a response's credit is
-returned when its batch is taken from the queue (or the watch is closed).
+becomes one :class:`WatchBatch`. Flow control is the stream's HTTP/2 window: a response's bytes
+are returned to it when its batch is taken from the queue (or the watch is closed).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from .._errors import (
     RevisionCompacted,
     WatchOverflow,
 )
+from .http2 import BidiStream
 from .pb.etcdserverpb import rpc_pb2
 from .status import BY_MESSAGE, translate
-from .stream import BidiStream
 from .types import Event, EventType, KeyValue, WatchBatch
 
 if TYPE_CHECKING:
@@ -274,8 +275,7 @@ class WatchHub:
             def on_error(error: BaseException | None) -> None:
                 self._stream_failed(stream, endpoint, error)
 
-            stream = BidiStream(
-                self._client.bridge,
+            stream = self._client.open_stream(
                 endpoint,
                 "watch",
                 "Watch",
