@@ -1,4 +1,4 @@
-"""Benchmark clusterkit's etcd client and its Trio <-> grpc.aio bridge against baselines.
+"""Benchmark clusterkit's etcd client (Trio HTTP/2, lease bridge) against baselines.
 
 Usage::
 
@@ -11,9 +11,11 @@ picks, the one given with ``--binary``, or with ``--all-versions`` every distinc
 compared with baselines measured in the same run against the same server:
 
 - the plain synchronous stub call (blocking, on a channel with the same options);
-- the previous bridge ("sync future"): the sync stub's ``.future()`` woken through the Trio
+- the raw HTTP/2 channel: the client's own stub call (http2.py), without the client layer;
+- the previous path ("grpc.aio bridge"): ``AioBridge.unary``, grpc.aio on a loop thread with
+  batched Trio wakeups, as the client's unary calls ran until issue 10;
+- the one before it ("sync future"): the sync stub's ``.future()`` woken through the Trio
   token, ``clusterkit._etcd.bridge.call_unary``;
-- the raw bridge: ``AioBridge.unary`` on the client's own channel, without the client layer;
 - the asyncio clients a Python user would pick, aetcd and etcd3-async-client (both grpc.aio),
   each in its own process on its own asyncio loop (``_asyncio_clients.py``: each ships its own
   etcd protos, which clash with ours in one protobuf descriptor pool). They come from the
@@ -47,7 +49,8 @@ Phases and goals:
    the Trio side saw at any of its checkpoints (goal for the pump: > 0, never lapsed); a
    negative margin or an expired lease is a lost session.
 5. Python threads with 1 watch against 50 watches and 20 leases kept alive, and against
-   1 watch + 1 lease (goal: equal: streams are tasks on the bridge's loop), and after the client
+   1 watch + 1 lease (goal: equal: the watch stream runs in the Trio thread, keepalive streams
+   are tasks on the lease bridge's loop), and after the client
    is closed against before it was opened (goal: equal).
 6. embedded etcd start-to-first-answer: median over 5 starts of ``open_embedded_etcd()``
    (goal: <= 0.3 s), next to the same etcd command spawned bare and polled every 2 ms.
@@ -88,7 +91,7 @@ except ImportError:  # run from a checkout without installing: use the checkout'
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import clusterkit
 
-from clusterkit._etcd.bridge import call_unary
+from clusterkit._etcd.bridge import AioBridge, call_unary
 from clusterkit._etcd.channel import CHANNEL_OPTIONS
 from clusterkit._etcd.embedded import (
     FAST_RAFT,
@@ -398,6 +401,7 @@ async def sequential(
     # (without one, nearly every sequential sync call would start a thread).
     idle = rpc_pb2_grpc.WatchStub(plain).Watch(iter(threading.Event().wait, True))
     ep = client.endpoints.current
+    bridge = AioBridge("bench")
     try:
         warmup = max(200, calls // 10)
         for op in ("put", "get"):
@@ -414,10 +418,13 @@ async def sequential(
             loops: dict[str, TimedLoop] = {
                 "sync stub": sync_loop(functools.partial(method, req, timeout=TIMEOUT)),
                 f"client.{op}": async_loop(ck),
-                "raw bridge": async_loop(
-                    functools.partial(client.bridge.unary, ep, "kv", rpc, req, timeout=TIMEOUT)
+                "raw HTTP/2": async_loop(
+                    functools.partial(getattr(client._stubs(ep).kv, rpc), req, timeout=TIMEOUT)
                 ),
-                "sync future (previous)": async_loop(
+                "grpc.aio bridge (previous)": async_loop(
+                    functools.partial(bridge.unary, ep, "kv", rpc, req, timeout=TIMEOUT)
+                ),
+                "sync future (older)": async_loop(
                     functools.partial(call_unary, method, req, timeout=TIMEOUT)
                 ),
             }
@@ -430,7 +437,12 @@ async def sequential(
             report.rows.append(
                 ratio_row(f"{label} p50, sequential: client.{op} vs sync stub", mine, base, 1.1)
             )
-            for name in ("raw bridge", "sync future (previous)", *others):
+            for name in (
+                "raw HTTP/2",
+                "grpc.aio bridge (previous)",
+                "sync future (older)",
+                *others,
+            ):
                 report.rows.append(
                     ratio_row(
                         f"{label} p50, sequential: {name} vs sync stub",
@@ -440,10 +452,11 @@ async def sequential(
                     )
                 )
             for variant, s in samples.items():
-                report.details.append(f"{label:5s} {variant:24s} {dist(s.ns)}  {s.cpu_per_call()}")
+                report.details.append(f"{label:5s} {variant:26s} {dist(s.ns)}  {s.cpu_per_call()}")
     finally:
         idle.cancel()
         plain.close()
+        await bridge.aclose()
 
 
 # -- 2. concurrent throughput --------------------------------------------------------------
@@ -475,9 +488,10 @@ async def concurrent(
     report: Report,
 ) -> None:
     """Throughput of 100 Put tasks through ``client`` (with a watch open, as in every
-    clusterkit app), the raw bridge, the previous bridge and the asyncio clients."""
+    clusterkit app), the raw HTTP/2 channel, the previous paths and the asyncio clients."""
     channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
     idle = rpc_pb2_grpc.WatchStub(channel).Watch(iter(threading.Event().wait, True))
+    bridge = AioBridge("bench")
     try:
         async with client.watch(b"bench/conc-watched"):
             kv = rpc_pb2_grpc.KVStub(channel)
@@ -489,15 +503,19 @@ async def concurrent(
                 return await client.put(keys[i], VALUE)
 
             async def raw_put(i: int) -> object:
-                return await client.bridge.unary(ep, "kv", "Put", reqs[i], timeout=TIMEOUT)
+                return await client._stubs(ep).kv.Put(reqs[i], timeout=TIMEOUT)
+
+            async def bridge_put(i: int) -> object:
+                return await bridge.unary(ep, "kv", "Put", reqs[i], timeout=TIMEOUT)
 
             async def future_put(i: int) -> object:
                 return await call_unary(kv.Put, reqs[i], timeout=TIMEOUT)
 
             mine: dict[str, Callable[[int], Awaitable[object]]] = {
                 "client.put": client_put,
-                "raw bridge": raw_put,
-                "sync future (previous)": future_put,
+                "raw HTTP/2": raw_put,
+                "grpc.aio bridge (previous)": bridge_put,
+                "sync future (older)": future_put,
             }
             per_task = max(1, -(-calls // CONCURRENCY))
             warm = max(2, per_task // 5)
@@ -520,6 +538,7 @@ async def concurrent(
     finally:
         idle.cancel()
         channel.close()
+        await bridge.aclose()
     rate = median(rates["client.put"])
     cpu = median(cpus["client.put"])
     metric = f"Put/s, {CONCURRENCY} tasks x {per_task}"
