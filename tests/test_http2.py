@@ -592,3 +592,45 @@ async def test_tls_with_alpn_h2_and_without() -> None:
                     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
                     assert "h2" in info.value.details()
             channel.close()
+
+
+async def test_a_bidi_stream_holds_the_server_back_until_messages_are_released() -> None:
+    async with fake_server() as server:
+        size = 1024 * 1024
+        payload = message(rpc_pb2.WatchResponse(watch_id=1, cancel_reason="x" * size))
+
+        def flood(conn: ServerConn, sid: int, buffer: bytearray) -> None:
+            if sid in conn.trailers:
+                return
+            conn.h2.send_headers(
+                sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+            )
+            conn.pending[sid] = payload * 24
+            conn.trailers[sid] = [(b"grpc-status", b"0")]
+            conn._send_pending()
+
+        server.on_data = flood
+        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        got: list[Any] = []
+        ended: list[BaseException | None] = []
+        stream = rpc_pb2_grpc.WatchStub(channel).Watch.open(
+            metadata=None, on_response=got.append, on_error=ended.append
+        )
+        stream.send(rpc_pb2.WatchRequest())
+        with trio.fail_after(10):
+            while len(got) < 15:  # what fits in our 16 MiB stream window
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        held = len(got)
+        assert held == 15 and not ended  # the server waits for window...
+        assert server.conns[0].h2.local_flow_control_window(1) == 0
+        assert server.conns[0].pending  # ... with the rest of its messages
+        stream.release(held)
+        with trio.fail_after(10):
+            while not ended:
+                if len(got) > held:
+                    stream.release(len(got) - held)
+                    held = len(got)
+                await trio.sleep(0.01)
+        assert len(got) == 24
+        assert isinstance(ended[0], EOFError)

@@ -133,6 +133,7 @@ class Endpoint:
 
     def __init__(self, target: str, config: EtcdConfig) -> None:
         self.target = target
+        self.dial_timeout = config.dial_timeout
         self.options: list[tuple[str, Any]] = [
             *CHANNEL_OPTIONS,
             ("grpc.use_local_subchannel_pool", 1),
@@ -166,6 +167,7 @@ class Endpoint:
             server_name=self.server_name,
             keepalive=_KEEPALIVE,
             keepalive_timeout=_KEEPALIVE_TIMEOUT,
+            connect_timeout=self.dial_timeout,
             max_receive=_MAX_RECEIVE,
         )
 

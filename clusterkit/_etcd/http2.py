@@ -1088,12 +1088,12 @@ class BidiStream(_Stream):
 
     async def aclose(self) -> None:
         """Reset the stream (RST_STREAM) and report its end (``on_error(None)``)."""
-        await trio.lowlevel.checkpoint()
         if not self.done:
             self.done = True
             if self.conn is not None:
                 self.conn.reset(self)
             self._report(None)
+        await trio.lowlevel.checkpoint()
 
     # Called by the connection.
     def data_received(self, flags: int, payload: bytes) -> None:

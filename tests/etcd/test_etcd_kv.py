@@ -111,3 +111,23 @@ async def test_status_and_members(client: EtcdClient, etcd: clusterkit.EmbeddedE
     members = await client.member_list()
     assert len(members) == 1
     assert members[0].client_urls == (f"http://{etcd.endpoints[0]}",)
+
+
+async def test_large_values_and_an_answer_past_the_stream_window(
+    client: EtcdClient, prefix: str
+) -> None:
+    """1 MiB puts cross etcd's HTTP/2 windows (64 KiB) in our DATA; a 20 MiB range answer
+    crosses ours (16 MiB per stream: the channel returns window as the answer arrives)."""
+    value = bytes(range(256)) * 4096  # 1 MiB
+    for i in range(20):
+        await client.put(f"{prefix}big{i:02d}", value[i:] + value[:i])
+    everything = await client.range(prefix, prefix=True)
+    assert len(everything.kvs) == 20
+    for i, kv in enumerate(everything.kvs):
+        assert kv.value == value[i:] + value[:i]
+    # The connection is still in order afterwards: small calls and a watch work.
+    async with client.watch(prefix + "after") as watch:
+        await client.put(prefix + "after", "x")
+        async for batch in watch:
+            assert [e.kv.value for e in batch.events] == [b"x"]
+            break
