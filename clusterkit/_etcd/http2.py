@@ -210,11 +210,11 @@ class _Decoder:
 class _Socket:
     """A connected non-blocking socket with synchronous writes (TLS through memory BIOs)."""
 
-    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.tls = tls
-        self._in = ssl.MemoryBIO() if tls else None
-        self._out = ssl.MemoryBIO() if tls else None
+        self.tls: ssl.SSLObject | None = None
+        self._in: ssl.MemoryBIO | None = None
+        self._out: ssl.MemoryBIO | None = None
         self.pending = bytearray()  # written, not yet taken by the kernel
         self.want_write = trio.Event()
         self.broken: BaseException | None = None
@@ -241,7 +241,7 @@ class _Socket:
                 raise
             try:
                 if context is None:
-                    return cls(raw, None)
+                    return cls(raw)
                 return await cls._handshake(raw, context, server_name or host)
             except BaseException:
                 raw.close()
@@ -250,10 +250,9 @@ class _Socket:
 
     @classmethod
     async def _handshake(cls, raw: socket.socket, context: ssl.SSLContext, name: str) -> _Socket:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
-        self = cls(raw, tls)
-        self._in, self._out = incoming, outgoing
+        self = cls(raw)
+        incoming, outgoing = self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
         while True:
             try:
                 tls.do_handshake()
@@ -1045,7 +1044,15 @@ class BidiStream(_Stream):
     instead of growing memory.
     """
 
-    __slots__ = ("_buffer", "_on_error", "_on_response", "_reported", "_sizes", "method")
+    __slots__ = (
+        "_buffer",
+        "_inside",
+        "_on_error",
+        "_on_response",
+        "_reported",
+        "_sizes",
+        "method",
+    )
 
     def __init__(
         self,
@@ -1061,23 +1068,28 @@ class BidiStream(_Stream):
         self._buffer = bytearray()
         self._sizes: deque[int] = deque()  # sizes of the messages not yet released
         self._reported = False
+        self._inside = True  # in the constructor or send(): on_error must wait
         try:
-            conn = method.channel.connection()
-        except RpcError as exc:
+            method.channel.connection().start(self)
+        except RpcError as exc:  # the channel is closed
             self.ended(exc)
-            return
-        conn.start(self)
+        finally:
+            self._inside = False
 
     @property
     def closed(self) -> bool:
-        """True once the stream has ended, by error or by :meth:`aclose`."""
-        return self.done
+        """True once the stream's end has been reported (``on_error`` has run)."""
+        return self._reported
 
     def send(self, request: Any) -> None:
         """Send a request on the stream (never blocks; queued while the windows are full)."""
         if self.done or self.conn is None:
             return
-        self.conn.send(self, _message(self.method.serialize(request)))
+        self._inside = True
+        try:
+            self.conn.send(self, _message(self.method.serialize(request)))
+        finally:
+            self._inside = False
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` messages' worth of window after consuming ``n`` messages."""
@@ -1133,11 +1145,13 @@ class BidiStream(_Stream):
         self.ended(error if error is not None else EOFError("stream ended"))
 
     def ended(self, error: BaseException) -> None:
-        # Reported from the Trio scheduler, never from inside the caller's send() or the
-        # constructor (a write that finds the connection broken ends the stream at once).
+        # Never reported from inside the caller's send() or the constructor (a write that
+        # finds the connection broken ends the stream at once): from the scheduler then.
         self.done = True
-        if not self._reported:
+        if self._inside:
             trio.lowlevel.current_trio_token().run_sync_soon(self._report, error)
+        else:
+            self._report(error)
 
     def _abort(self, error: BaseException) -> None:
         if self.conn is not None and not self.done:
