@@ -648,8 +648,11 @@ class Connection:
     # -- reading ---------------------------------------------------------------------
 
     async def _keepalive(self) -> None:
+        # Checked every keepalive/2: a PING goes out once nothing was read for ``keepalive``
+        # seconds while streams are open, so pings are never closer than ``keepalive`` (its
+        # answer counts as a read), which is what etcd's enforcement asks for.
         while True:
-            await trio.sleep(self.keepalive)
+            await trio.sleep(self.keepalive / 2)
             now = time.monotonic()
             if self.streams and now - self.last_read >= self.keepalive:
                 self.write(frame(PING, 0, 0, b"ckping00"))
