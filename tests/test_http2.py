@@ -197,6 +197,18 @@ def kv_stub(server: FakeServer, **options: Any) -> Any:
     return rpc_pb2_grpc.KVStub(http2.Channel(f"127.0.0.1:{server.port}", **options))
 
 
+async def range_fails(kv: Any, code: grpc.StatusCode, timeout: float = 5) -> http2.RpcError:
+    """Call Range, which must fail with ``code``; the error."""
+    with pytest.raises(http2.RpcError) as info, trio.fail_after(timeout + 5):
+        await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=timeout)
+    assert info.value.code() == code
+    return info.value
+
+
+async def range_works(kv: Any) -> None:
+    assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+
+
 # -- pure parts -----------------------------------------------------------------------------
 
 
@@ -304,10 +316,8 @@ async def test_a_refused_stream_is_unavailable_and_the_connection_goes_on() -> N
 
         server.handle = maybe_reset
         kv = kv_stub(server)
-        with pytest.raises(http2.RpcError) as info:
-            await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+        await range_fails(kv, grpc.StatusCode.UNAVAILABLE)
+        await range_works(kv)
         assert server.connections == 1
 
 
@@ -338,7 +348,7 @@ async def test_goaway_fails_what_the_server_did_not_take_and_a_new_connection_se
                     nursery.start_soon(call)
         assert sorted(outcomes) == ["UNAVAILABLE", "UNAVAILABLE", "ok"]
         server.handle = FakeServer.ok
-        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+        await range_works(kv)
         assert server.connections == 2
 
 
@@ -356,10 +366,8 @@ async def test_garbage_from_the_server_fails_the_connection_not_the_channel() ->
 
         server.handle = garbage
         kv = kv_stub(server)
-        with pytest.raises(http2.RpcError) as info, trio.fail_after(5):
-            await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+        await range_fails(kv, grpc.StatusCode.UNAVAILABLE)
+        await range_works(kv)
         assert server.connections == 2
 
 
@@ -368,16 +376,14 @@ async def test_a_deadline_resets_the_stream_and_the_connection_stays() -> None:
         server.handle = lambda conn, sid, body: None  # never answers
         channel = http2.Channel(f"127.0.0.1:{server.port}")
         kv = rpc_pb2_grpc.KVStub(channel)
-        with pytest.raises(http2.RpcError) as info:
-            await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=0.2)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await range_fails(kv, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=0.2)
         with trio.fail_after(5):
             while not server.resets:
                 await trio.sleep(0.01)
         assert server.resets == [h2.errors.ErrorCodes.CANCEL]
         assert channel.cancelled == 1
         server.handle = FakeServer.ok
-        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+        await range_works(kv)
         assert server.connections == 1
 
 
@@ -446,24 +452,20 @@ async def test_a_response_over_max_receive_is_refused() -> None:
         server.handle = large
         channel = http2.Channel(f"127.0.0.1:{server.port}", max_receive=1000)
         kv = rpc_pb2_grpc.KVStub(channel)
-        with pytest.raises(http2.RpcError) as info:
-            await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await range_fails(kv, grpc.StatusCode.RESOURCE_EXHAUSTED)
         server.handle = FakeServer.ok
-        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+        await range_works(kv)
 
 
 async def test_a_silent_server_fails_the_connection_by_keepalive() -> None:
     async with fake_server() as server:
         channel = http2.Channel(f"127.0.0.1:{server.port}", keepalive=0.2, keepalive_timeout=0.2)
         kv = rpc_pb2_grpc.KVStub(channel)
-        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)).count == 1
+        await range_works(kv)
         server.silent = True  # reads everything, answers nothing (not even PING)
         started = trio.current_time()
-        with pytest.raises(http2.RpcError) as info:
-            await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=30)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "keepalive" in info.value.details()
+        error = await range_fails(kv, grpc.StatusCode.UNAVAILABLE, timeout=30)
+        assert "keepalive" in error.details()
         assert trio.current_time() - started < 5
 
 
@@ -471,9 +473,7 @@ async def test_connection_refused_is_unavailable() -> None:
     async with fake_server() as server:
         port = server.port
     kv = rpc_pb2_grpc.KVStub(http2.Channel(f"127.0.0.1:{port}"))
-    with pytest.raises(http2.RpcError) as info, trio.fail_after(5):
-        await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    await range_fails(kv, grpc.StatusCode.UNAVAILABLE)
 
 
 async def test_a_closed_channel_ends_calls_in_flight() -> None:
@@ -587,10 +587,8 @@ async def test_tls_with_alpn_h2_and_without() -> None:
                     assert resp.count == 1
                     assert server.requests[0][b":scheme"] == b"https"
                 else:
-                    with pytest.raises(http2.RpcError) as info:
-                        await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
-                    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-                    assert "h2" in info.value.details()
+                    error = await range_fails(kv, grpc.StatusCode.UNAVAILABLE)
+                    assert "h2" in error.details()
             channel.close()
 
 
@@ -634,3 +632,13 @@ async def test_a_bidi_stream_holds_the_server_back_until_messages_are_released()
                 await trio.sleep(0.01)
         assert len(got) == 24
         assert isinstance(ended[0], EOFError)
+
+
+async def test_a_request_over_max_send_is_refused_before_it_is_sent() -> None:
+    async with fake_server() as server:
+        kv = kv_stub(server, max_send=1000)
+        with pytest.raises(http2.RpcError) as info:
+            await kv.Range(rpc_pb2.RangeRequest(key=b"k" * 2000), timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await range_works(kv)
+        assert [r[b":path"] for r in server.requests] == [b"/etcdserverpb.KV/Range"]

@@ -39,8 +39,10 @@ themselves, on a non-blocking socket the Trio thread owns:
 - **TLS** runs over the same non-blocking socket through ``ssl.SSLObject`` and memory BIOs,
   with ALPN ``h2``; writes stay synchronous.
 
-Long-lived streams (watch, keepalive) and the lease lane stay on the grpc.aio bridge
-(bridge.py): they gain nothing here and keep their own connections.
+The watch stream is a :class:`BidiStream` on the same connection: its responses are handed
+to the watch hub by the reader task as they are parsed. The lease lane (lease calls and the
+keepalive stream) stays on the grpc.aio bridge (bridge.py), in a loop thread with a connection
+of its own, so that keepalives go out while the Trio thread is starved.
 
 Errors are :class:`RpcError` (a ``grpc.RpcError`` with ``code()`` and ``details()``), so
 status.py translates them like grpcio's.
@@ -846,6 +848,7 @@ class Channel:
         keepalive_timeout: float = 2.0,
         connect_timeout: float = 5.0,
         max_receive: int = 256 * 1024 * 1024,
+        max_send: int = 16 * 1024 * 1024,
     ) -> None:
         self.target = target
         host, _, port = target.rpartition(":")
@@ -857,6 +860,7 @@ class Channel:
         self.keepalive_timeout = keepalive_timeout
         self.connect_timeout = connect_timeout
         self.max_receive = max_receive
+        self.max_send = max_send
         self.authority = server_name or target
         self._conn: Connection | None = None
         self._connections: set[Connection] = set()
@@ -935,8 +939,8 @@ async def _guarded(conn: Connection, connect: Callable[[], Any]) -> None:
         _log.error("clusterkit: HTTP/2 connection to %s crashed", conn.target, exc_info=exc)
 
 
-class UnaryMethod:
-    """One unary method of one channel: ``await method(request, timeout=..., metadata=...)``."""
+class _Method:
+    """One method of one channel, with its constant header block."""
 
     __slots__ = ("_block", "channel", "deserialize", "path", "serialize")
 
@@ -953,14 +957,33 @@ class UnaryMethod:
         self.deserialize = deserialize or (lambda b: b)
         self._block = request_block(path, channel.authority, channel.context is not None)
 
+    def _headers(self, metadata: Metadata, *extra: bytes) -> bytes:
+        block = b"".join((self._block, *extra))
+        if metadata:
+            block += b"".join(literal(k.encode(), v.encode()) for k, v in metadata)
+        return block
+
+    def _encode(self, request: Any) -> bytes:
+        body = self.serialize(request)
+        if len(body) > self.channel.max_send:
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request is {len(body)} bytes, over the limit of {self.channel.max_send}",
+            )
+        return _message(body)
+
+
+class UnaryMethod(_Method):
+    """One unary method of one channel: ``await method(request, timeout=..., metadata=...)``."""
+
+    __slots__ = ()
+
     async def __call__(self, request: Any, *, timeout: float, metadata: Metadata = None) -> Any:
         """Call the method; raises :class:`RpcError` unless the status is OK."""
         await trio.lowlevel.checkpoint_if_cancelled()
         channel = self.channel
-        block = self._block + literal(b"grpc-timeout", grpc_timeout(timeout))
-        if metadata:
-            block += b"".join(literal(k.encode(), v.encode()) for k, v in metadata)
-        call = _Call(block, _message(self.serialize(request)), channel.max_receive + 5)
+        block = self._headers(metadata, literal(b"grpc-timeout", grpc_timeout(timeout)))
+        call = _Call(block, self._encode(request), channel.max_receive + 5)
         channel.started += 1
         try:
             with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
@@ -1002,23 +1025,10 @@ class UnaryMethod:
         return self.deserialize(bytes(memoryview(data)[5:]))
 
 
-class StreamMethod:
+class StreamMethod(_Method):
     """One bidirectional method of one channel: ``method.open(...)`` opens a stream."""
 
-    __slots__ = ("_block", "channel", "deserialize", "path", "serialize")
-
-    def __init__(
-        self,
-        channel: Channel,
-        path: str,
-        serialize: Callable[[Any], bytes] | None,
-        deserialize: Callable[[bytes], Any] | None,
-    ) -> None:
-        self.channel = channel
-        self.path = path
-        self.serialize = serialize or (lambda m: m)
-        self.deserialize = deserialize or (lambda b: b)
-        self._block = request_block(path, channel.authority, channel.context is not None)
+    __slots__ = ()
 
     def open(
         self,
@@ -1028,10 +1038,7 @@ class StreamMethod:
         on_error: Callable[[BaseException | None], None],
     ) -> BidiStream:
         """Open a stream; see :class:`BidiStream` for the callbacks."""
-        block = self._block
-        if metadata:
-            block += b"".join(literal(k.encode(), v.encode()) for k, v in metadata)
-        return BidiStream(self, block, on_response, on_error)
+        return BidiStream(self, self._headers(metadata), on_response, on_error)
 
 
 class BidiStream(_Stream):
@@ -1085,12 +1092,16 @@ class BidiStream(_Stream):
         return self._reported
 
     def send(self, request: Any) -> None:
-        """Send a request on the stream (never blocks; queued while the windows are full)."""
+        """Send a request on the stream (never blocks; queued while the windows are full).
+
+        Raises:
+            RpcError: RESOURCE_EXHAUSTED, the request is over the channel's ``max_send``.
+        """
         if self.done or self.conn is None:
             return
         self._inside = True
         try:
-            self.conn.send(self, _message(self.method.serialize(request)))
+            self.conn.send(self, self.method._encode(request))
         finally:
             self._inside = False
 
