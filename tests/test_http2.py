@@ -78,15 +78,18 @@ class ServerConn:
     def _send_pending(self) -> None:
         for sid in list(self.pending):
             body = self.pending[sid]
+            pad = self.server.pad  # padding bytes per DATA frame (they count for the window)
+            extra = pad + 1 if pad else 0
             while body:
                 n = min(
                     len(body),
-                    self.h2.local_flow_control_window(sid),
-                    self.h2.max_outbound_frame_size,
+                    self.h2.local_flow_control_window(sid) - extra,
+                    self.h2.max_outbound_frame_size - extra,
+                    self.server.chunk,
                 )
                 if n <= 0:
                     break
-                self.h2.send_data(sid, body[:n])
+                self.h2.send_data(sid, body[:n], pad_length=pad or None)
                 body = body[n:]
             if body:
                 self.pending[sid] = body
@@ -158,6 +161,8 @@ class FakeServer:
         self.open_streams = 0
         self.max_open = 0
         self.silent = False  # read and ignore everything
+        self.pad = 0  # padding per response DATA frame
+        self.chunk = 1 << 24  # largest response DATA frame payload
         self.received_bytes = 0
         self.ssl_context: ssl.SSLContext | None = None
 
@@ -642,3 +647,20 @@ async def test_a_request_over_max_send_is_refused_before_it_is_sent() -> None:
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         await range_works(kv)
         assert [r[b":path"] for r in server.requests] == [b"/etcdserverpb.KV/Range"]
+
+
+async def test_padding_counts_for_flow_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padded DATA uses window like data: what we return must include it, or a long padded
+    answer stalls once the padding adds up to our window."""
+    monkeypatch.setattr(http2, "_STREAM_WINDOW", 65_536)
+    async with fake_server() as server:
+        server.pad, server.chunk = 255, 1000
+        value = bytes(range(256)) * 4000  # 1 MB, with 26% padding: 4x the window in padding
+
+        def large(conn: ServerConn, sid: int, body: bytes) -> None:
+            conn.respond(sid, message(rpc_pb2.RangeResponse(kvs=[kv_pb2.KeyValue(value=value)])))
+
+        server.handle = large
+        with trio.fail_after(10):
+            resp = await kv_stub(server).Range(rpc_pb2.RangeRequest(key=b"k"), timeout=10)
+        assert resp.kvs[0].value == value

@@ -700,6 +700,7 @@ class Connection:
             stream = self.streams.get(sid)
             if stream is not None:  # (a stream we reset: its data only counts for the window)
                 if flags & PADDED:
+                    stream.received += payload[0] + 1  # padding counts for the window too
                     payload = payload[1 : len(payload) - payload[0]]
                 stream.data_received(flags, payload)
         elif kind == HEADERS:
