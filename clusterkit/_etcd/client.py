@@ -712,5 +712,5 @@ async def _wait_until_reachable(client: EtcdClient) -> None:
             await trio.sleep(0.05)
     raise EtcdUnavailable(
         f"no etcd endpoint of {list(client.config.endpoints)} answered within "
-        f"{client.config.dial_timeout}s: {last}"
+        f"{client.config.dial_timeout}s: {last or 'no answer'}"
     )
