@@ -21,7 +21,7 @@ import pytest
 import trio
 import trustme
 
-from clusterkit._etcd import http2
+from clusterkit._etcd import h2wire, http2
 from clusterkit._etcd.pb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from clusterkit._etcd.pb.mvccpb import kv_pb2
 
@@ -219,9 +219,9 @@ async def range_works(kv: Any) -> None:
 
 def test_request_header_blocks_decode_as_sent() -> None:
     long_path = "/etcdserverpb.KV/" + "x" * 300
-    block = http2.request_block(long_path, "127.0.0.1:2379", tls=False)
-    block += http2.literal(b"grpc-timeout", http2.grpc_timeout(5))
-    block += http2.literal(b"token", b"t" * 5000)
+    block = h2wire.request_block(long_path, "127.0.0.1:2379", tls=False)
+    block += h2wire.literal(b"grpc-timeout", h2wire.grpc_timeout(5))
+    block += h2wire.literal(b"token", b"t" * 5000)
     assert hpack.Decoder(max_header_list_size=1 << 20).decode(block, raw=True) == [
         (b":method", b"POST"),
         (b":scheme", b"http"),
@@ -234,7 +234,7 @@ def test_request_header_blocks_decode_as_sent() -> None:
         (b"token", b"t" * 5000),
     ]
     assert (b":scheme", b"https") in list(
-        hpack.Decoder().decode(http2.request_block("/a/B", "h:1", tls=True), raw=True)
+        hpack.Decoder().decode(h2wire.request_block("/a/B", "h:1", tls=True), raw=True)
     )
 
 
@@ -244,7 +244,7 @@ def test_request_header_blocks_decode_as_sent() -> None:
      (1e6, b"1000000S"), (1e9, b"16666667M"), (1e12, b"99999999H")],
 )  # fmt: skip
 def test_grpc_timeout_fits_eight_digits(seconds: float, expected: bytes) -> None:
-    assert http2.grpc_timeout(seconds) == expected
+    assert h2wire.grpc_timeout(seconds) == expected
 
 
 # -- against the h2 server ------------------------------------------------------------------

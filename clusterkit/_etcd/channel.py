@@ -179,8 +179,6 @@ def _ssl_context(ca: bytes | None, cert: bytes | None, key: bytes | None) -> ssl
     """The TLS settings of ``grpc.ssl_channel_credentials`` for an ``ssl`` socket: verify the
     server against ``ca`` (or the system's roots), present ``cert`` when given, ALPN h2."""
     context = ssl.create_default_context(cadata=ca.decode() if ca else None)
-    if ca is None:
-        context.load_default_certs()
     context.set_alpn_protocols(["h2"])
     if cert is not None and key is not None:
         # ``load_cert_chain`` reads files only: a private directory that lives for the call.

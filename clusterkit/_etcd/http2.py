@@ -1,374 +1,108 @@
-"""Unary gRPC calls to etcd over HTTP/2, in the Trio thread: no loop thread, no wakeups.
+"""etcd's unary calls and watch stream over HTTP/2, in the Trio thread: no thread, no hop.
 
 Theory of operation
 -------------------
 grpcio runs a call's I/O outside the calling thread, so every call from Trio used to cross
 threads twice (Trio -> loop -> Trio, plus gRPC's poller), 50-150 us per crossing on a small VM:
 a lone call was 1.4-1.7x a blocking stub call, and 100 concurrent calls did less than the
-asyncio clients (issue 10). Here the unary calls of the "main" lane speak gRPC's wire format
-themselves, on a non-blocking socket the Trio thread owns:
+asyncio clients (issue 10). Here the etcd client's unary calls and its watch stream speak
+gRPC's wire format themselves (h2wire.py), on a non-blocking socket the Trio thread owns
+(h2socket.py). Our generated stubs take a :class:`Channel` as their channel.
 
 - **Writing is synchronous.** A call encodes its HEADERS (a header block built once per method
   and endpoint, plus ``grpc-timeout`` and metadata as HPACK literals that never touch the
-  server's table) and its DATA frames into one buffer and hands it to :meth:`_Socket.write`,
-  which ``send()`` s it at once; only what the kernel does not take waits for the connection's
-  writer task. So a call costs no scheduler round to send, a write is never torn by a
-  cancellation, and an abort function (which Trio runs synchronously) can send RST_STREAM.
-- **One reader task per connection** reads whatever the socket holds, parses every frame in
-  it and reschedules each finished call's task directly (``trio.lowlevel.reschedule``): one
-  wakeup for a whole burst of answers, and the caller decodes its own response.
-- **Flow control.** We announce a 2^31-1 byte window per stream and for the connection and
-  return what we read to the connection window in large steps, so answers are never held
-  back (a unary answer is bounded by ``max_receive``). Our own DATA respects the server's
+  server's table) and its DATA frames into one buffer and hands it to ``Socket.write``, which
+  ``send()`` s it at once; only what the kernel does not take waits for the connection's writer
+  task. So a call costs no scheduler round to send, a write is never torn by a cancellation,
+  and an abort function (which Trio runs synchronously) can send RST_STREAM.
+- **One reader task per connection** (a Trio system task) reads whatever the socket holds,
+  parses every frame in it and reschedules each finished call's task directly
+  (``trio.lowlevel.reschedule``): one wakeup for a whole burst of answers; the caller decodes
+  its own response. Watch responses are handed to the watch hub as they are parsed.
+- **Flow control.** We announce a 16 MiB window per stream and 2^31-1 for the connection. A
+  unary call gives window back as its answer arrives (its size is bounded by
+  ``max_receive``); a :class:`BidiStream` gives back all but the bytes of the messages its
+  consumer has not released, so a consumer that sits on 16 MiB of them stops the server
+  instead of growing memory. Padding counts like data. Our own DATA respects the server's
   stream and connection windows and frame size: what does not fit waits, in order, for its
   WINDOW_UPDATE. The server's MAX_CONCURRENT_STREAMS is respected by queueing calls.
-- **HPACK.** Requests use literals without indexing, so the server's decoder table is never
-  grown by us; answers are decoded by ``hpack.Decoder`` in arrival order (every header block,
-  even of a stream we have already reset, since they all update the table). A block made only
-  of one-byte indexed fields (what Go's encoder sends for a repeated ``:status`` and
-  ``grpc-status``) is decoded from a cache that is dropped whenever the table may change.
+- **HPACK.** Answers are decoded by ``hpack.Decoder`` in arrival order (every header block,
+  even of a stream we have already reset, since they all update the table); blocks made only
+  of one-byte indexed fields come from a cache (h2wire.Decoder).
 - **Cancellation and deadlines.** Each call has a Trio deadline and sends ``grpc-timeout``. A
   cancelled or timed-out call sends RST_STREAM(CANCEL) from its abort function; frames that
   still arrive for it are read and dropped (their DATA still counts for the window).
 - **Failure.** A connection that fails (connect error, EOF, reset, protocol error, an
-  unanswered keepalive ping) fails every call on it with UNAVAILABLE; the next call opens a
-  new connection. GOAWAY fails only the streams the server did not take (retry-safe) and the
-  connection drains. A keepalive PING is sent when calls are open and nothing was read for
-  ``keepalive`` seconds (5 s: etcd's enforcement minimum), and the connection fails if the
-  answer takes ``keepalive_timeout`` seconds, as grpcio's channel options did.
-- **TLS** runs over the same non-blocking socket through ``ssl.SSLObject`` and memory BIOs,
-  with ALPN ``h2``; writes stay synchronous.
+  unanswered keepalive ping) ends every call and stream on it with UNAVAILABLE; the next call
+  opens a new connection. GOAWAY fails only the streams the server did not take (retry-safe)
+  and the connection drains. A keepalive PING is sent when streams are open and nothing was
+  read for ``keepalive`` seconds (5 s: etcd's enforcement minimum), and the connection fails
+  if the answer takes ``keepalive_timeout`` seconds, as grpcio's channel options did.
 
-The watch stream is a :class:`BidiStream` on the same connection: its responses are handed
-to the watch hub by the reader task as they are parsed. The lease lane (lease calls and the
-keepalive stream) stays on the grpc.aio bridge (bridge.py), in a loop thread with a connection
-of its own, so that keepalives go out while the Trio thread is starved.
-
-Errors are :class:`RpcError` (a ``grpc.RpcError`` with ``code()`` and ``details()``), so
-status.py translates them like grpcio's.
+The lease lane (lease calls and the keepalive stream) stays on the grpc.aio bridge
+(bridge.py), in a loop thread with a connection of its own, so that keepalives go out while
+the Trio thread is starved. Errors are :class:`RpcError` (a ``grpc.RpcError`` with ``code()``
+and ``details()``), so status.py translates them like grpcio's.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import math
-import socket
 import ssl
 import struct
 import time
-import urllib.parse
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import hpack
 import trio
 
+from .h2socket import Socket
+from .h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    E_CANCEL,
+    E_NO_ERROR,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADER,
+    HEADERS,
+    MAX_HEADER_BLOCK,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    RST_CODES,
+    RST_STREAM,
+    S_ENABLE_PUSH,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_CONCURRENT_STREAMS,
+    S_MAX_FRAME_SIZE,
+    SETTINGS,
+    U32,
+    WINDOW_UPDATE,
+    Decoder,
+    Metadata,
+    RpcError,
+    frame,
+    grpc_timeout,
+    literal,
+    message,
+    request_block,
+    status_of,
+)
+
+__all__ = ["BidiStream", "Channel", "Connection", "RpcError", "StreamMethod", "UnaryMethod"]
+
 _log = logging.getLogger("clusterkit")
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# Frame types.
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
-PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 6, 7, 8, 9
-# Flags.
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-# Settings.
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
-# Error codes.
-E_NO_ERROR, E_PROTOCOL, E_FLOW_CONTROL, E_REFUSED_STREAM, E_CANCEL = 0, 1, 3, 7, 8
-E_ENHANCE_YOUR_CALM, E_INADEQUATE_SECURITY = 11, 12
-
-MAX_WINDOW = 2**31 - 1
-MAX_STREAM_ID = 2**31 - 1
-_HEADER = struct.Struct(">HBBBL")  # length (24 bits as H + B), type, flags, stream id
-_U32 = struct.Struct(">L")
-_RECV_CHUNK = 256 * 1024
-_MAX_HEADER_BLOCK = 1024 * 1024
 _STREAM_WINDOW = 16 * 1024 * 1024  # per stream; returned in steps of 1/8
-
-Metadata = Sequence[tuple[str, str]] | None
-
-
-class RpcError(grpc.RpcError):  # type: ignore[misc]
-    """A call over :mod:`http2` ended with a gRPC status other than OK."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
-_RST_CODES = {
-    E_REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE,
-    E_CANCEL: grpc.StatusCode.CANCELLED,
-    E_ENHANCE_YOUR_CALM: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    E_INADEQUATE_SECURITY: grpc.StatusCode.PERMISSION_DENIED,
-}
-_HTTP_CODES = {
-    400: grpc.StatusCode.INTERNAL,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.UNIMPLEMENTED,
-    429: grpc.StatusCode.UNAVAILABLE,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-# -- HPACK, the encoding side: literals without indexing ---------------------------------------
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _string(data: bytes) -> bytes:
-    return _hpack_int(len(data), 7, 0) + data
-
-
-def literal(name: bytes, value: bytes) -> bytes:
-    """A header as an HPACK literal without indexing, with a literal name."""
-    return b"\x00" + _string(name) + _string(value)
-
-
-def _indexed_name_literal(index: int, value: bytes) -> bytes:
-    return _hpack_int(index, 4, 0) + _string(value)
-
-
-def request_block(path: str, authority: str, tls: bool) -> bytes:
-    """The constant part of a call's header block (everything but timeout and metadata)."""
-    return b"".join(
-        (
-            b"\x83",  # :method POST (static table 3)
-            b"\x87" if tls else b"\x86",  # :scheme https / http (7 / 6)
-            _indexed_name_literal(4, path.encode()),  # :path
-            _indexed_name_literal(1, authority.encode()),  # :authority
-            _indexed_name_literal(31, b"application/grpc"),  # content-type
-            literal(b"te", b"trailers"),
-            _indexed_name_literal(58, b"clusterkit-http2"),  # user-agent
-        )
-    )
-
-
-def grpc_timeout(seconds: float) -> bytes:
-    """``grpc-timeout`` for ``seconds``: at most 8 digits, in the finest unit that fits."""
-    micros = max(1, math.ceil(seconds * 1e6))
-    for unit, scale in ((b"u", 1), (b"m", 1_000), (b"S", 1_000_000), (b"M", 60_000_000)):
-        value = -(-micros // scale)
-        if value < 100_000_000:
-            return str(value).encode() + unit
-    return b"99999999H"
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _HEADER.pack(n >> 8, n & 0xFF, kind, flags, stream_id) + payload
-
-
-class _Decoder:
-    """``hpack.Decoder`` with a cache for blocks that only reference the table."""
-
-    def __init__(self) -> None:
-        self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_BLOCK)
-        self._cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
-
-    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        cached = self._cache.get(block)
-        if cached is not None:
-            return cached
-        headers = [(bytes(n), bytes(v)) for n, v in self._decoder.decode(block, raw=True)]
-        # A block of one-byte indexed fields (0x81-0xfe) reads the table and never changes it.
-        if block and all(b > 0x80 and b != 0xFF for b in block):
-            if len(self._cache) < 256:
-                self._cache[block] = headers
-        else:
-            self._cache.clear()  # the table may have changed
-        return headers
-
-
-# -- the socket ---------------------------------------------------------------------------
-
-
-class _Socket:
-    """A connected non-blocking socket with synchronous writes (TLS through memory BIOs)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.tls: ssl.SSLObject | None = None
-        self._in: ssl.MemoryBIO | None = None
-        self._out: ssl.MemoryBIO | None = None
-        self.pending = bytearray()  # written, not yet taken by the kernel
-        self.want_write = trio.Event()
-        self.broken: BaseException | None = None
-
-    @classmethod
-    async def connect(
-        cls, host: str, port: int, context: ssl.SSLContext | None, server_name: str | None
-    ) -> _Socket:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        error: OSError | None = None
-        for family, type_, proto, _, addr in infos:
-            raw = socket.socket(family, type_, proto)
-            try:
-                raw.setblocking(False)
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tsock = trio.socket.from_stdlib_socket(raw)
-                await tsock.connect(addr)  # (the trio wrapper shares ``raw``)
-            except OSError as exc:
-                raw.close()
-                error = exc
-                continue
-            except BaseException:
-                raw.close()
-                raise
-            try:
-                if context is None:
-                    return cls(raw)
-                return await cls._handshake(raw, context, server_name or host)
-            except BaseException:
-                raw.close()
-                raise
-        raise error or OSError(errno.EHOSTUNREACH, f"no address for {host}")
-
-    @classmethod
-    async def _handshake(cls, raw: socket.socket, context: ssl.SSLContext, name: str) -> _Socket:
-        self = cls(raw)
-        incoming, outgoing = self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = self.tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush_tls()
-                await self._await_sent()
-                data = await self._recv_raw()
-                if not data:
-                    raise ConnectionResetError(
-                        "the server closed the connection during TLS"
-                    ) from None
-                incoming.write(data)
-        self._flush_tls()
-        await self._await_sent()
-        if tls.selected_alpn_protocol() != "h2":
-            raise ConnectionError("the server did not agree to HTTP/2 (ALPN h2)")
-        return self
-
-    async def _await_sent(self) -> None:
-        while self.pending:
-            await trio.lowlevel.wait_writable(self.sock)
-            self._send_pending()
-
-    async def _recv_raw(self) -> bytes:
-        while True:
-            try:
-                return self.sock.recv(_RECV_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                await trio.lowlevel.wait_readable(self.sock)
-
-    def write(self, data: bytes) -> None:
-        """Send ``data`` now, as far as the kernel takes it; the rest is sent in order later."""
-        if self.broken is not None:
-            return
-        if self.tls is not None:
-            try:
-                self.tls.write(data)
-            except ssl.SSLError as exc:
-                self.broken = exc
-                return
-            self._flush_tls()
-            return
-        self._send(data)
-
-    def _flush_tls(self) -> None:
-        assert self._out is not None
-        data = self._out.read()
-        if data:
-            self._send(data)
-
-    def _send(self, data: bytes) -> None:
-        if self.pending:
-            self.pending += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self.broken = exc
-            return
-        if sent < len(data):
-            self.pending += data[sent:]
-            self.want_write.set()
-
-    def _send_pending(self) -> None:
-        try:
-            sent = self.sock.send(self.pending)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.broken = exc
-            return
-        del self.pending[:sent]
-
-    async def writer(self) -> None:
-        """Send what the kernel did not take at once (the connection runs this as a task)."""
-        while self.broken is None:
-            await self.want_write.wait()
-            self.want_write = trio.Event()
-            while self.pending and self.broken is None:
-                await trio.lowlevel.wait_writable(self.sock)
-                self._send_pending()
-
-    async def receive(self) -> bytes:
-        """The next bytes from the server (``b""`` at EOF)."""
-        if self.tls is None:
-            return await self._recv_raw()
-        assert self._in is not None
-        while True:
-            chunks = []
-            try:
-                while True:
-                    chunks.append(self.tls.read(_RECV_CHUNK))
-                    if not chunks[-1]:  # TLS close_notify
-                        return b"".join(chunks)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                return b"".join(chunks)
-            self._flush_tls()  # e.g. a key update's answer
-            if chunks:
-                return b"".join(chunks)
-            data = await self._recv_raw()
-            if not data:
-                return b""
-            self._in.write(data)
-
-    def close(self) -> None:
-        """Close the socket (no task may be waiting on it any more)."""
-        if self.broken is None:
-            self.broken = ConnectionAbortedError("closed")
-        self.sock.close()
 
 
 # -- streams on a connection ----------------------------------------------------------------
@@ -421,7 +155,7 @@ class _Stream:
         n = self.received - self.held - self.returned
         if n >= _STREAM_WINDOW // 8:
             self.returned += n
-            conn.write(frame(WINDOW_UPDATE, 0, self.stream_id, _U32.pack(n)))
+            conn.write(frame(WINDOW_UPDATE, 0, self.stream_id, U32.pack(n)))
 
 
 class _Call(_Stream):
@@ -475,7 +209,7 @@ class Connection:
         self.target = target
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
-        self.sock: _Socket | None = None
+        self.sock: Socket | None = None
         self.ready = trio.Event()
         self.error: RpcError | None = None  # set once: the connection is unusable
         self.draining = False  # GOAWAY seen or ids exhausted: no new streams
@@ -489,7 +223,7 @@ class Connection:
         self.send_window = 65_535
         self.unacked = 0  # DATA bytes read since the last connection WINDOW_UPDATE
         self.last_read = time.monotonic()
-        self.decoder = _Decoder()
+        self.decoder = Decoder()
         self.scope = trio.CancelScope()
         self._partial: tuple[int, int, bytearray] | None = None  # HEADERS + CONTINUATIONs
         self.on_closed: Callable[[Connection], None] | None = None
@@ -516,7 +250,7 @@ class Connection:
             self.write(
                 PREFACE
                 + frame(SETTINGS, 0, 0, settings)
-                + frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - 65_535))
+                + frame(WINDOW_UPDATE, 0, 0, U32.pack(MAX_WINDOW - 65_535))
             )
             self.ready.set()
             self._open_waiting()
@@ -634,7 +368,7 @@ class Connection:
                 self.waiting.remove(stream)
             return
         if self.streams.pop(stream.stream_id, None) is not None:
-            self.write(frame(RST_STREAM, 0, stream.stream_id, _U32.pack(E_CANCEL)))
+            self.write(frame(RST_STREAM, 0, stream.stream_id, U32.pack(E_CANCEL)))
             self._stream_gone()
 
     def closed(self, stream: _Stream) -> None:
@@ -678,7 +412,7 @@ class Connection:
             buf = buf + data if buf else data
             pos, end = 0, len(buf)
             while end - pos >= 9:
-                hi, lo, kind, flags, sid = _HEADER.unpack_from(buf, pos)
+                hi, lo, kind, flags, sid = HEADER.unpack_from(buf, pos)
                 length = (hi << 8) | lo
                 if end - pos - 9 < length:
                     break
@@ -695,7 +429,7 @@ class Connection:
         if kind == DATA:
             self.unacked += len(payload)
             if self.unacked >= MAX_WINDOW // 2:
-                self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
+                self.write(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.unacked)))
                 self.unacked = 0
             stream = self.streams.get(sid)
             if stream is not None:  # (a stream we reset: its data only counts for the window)
@@ -717,7 +451,7 @@ class Connection:
                 raise ValueError("CONTINUATION without HEADERS")
             block = self._partial[2]
             block += payload
-            if len(block) > _MAX_HEADER_BLOCK:
+            if len(block) > MAX_HEADER_BLOCK:
                 raise ValueError("header block too large")
             if flags & END_HEADERS:
                 psid, pflags, _ = self._partial
@@ -727,15 +461,15 @@ class Connection:
             if not flags & ACK:
                 self._on_settings(payload)
         elif kind == WINDOW_UPDATE:
-            self._on_window_update(sid, _U32.unpack(payload)[0] & MAX_WINDOW)
+            self._on_window_update(sid, U32.unpack(payload)[0] & MAX_WINDOW)
         elif kind == PING:
             if not flags & ACK:
                 self.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             stream = self.streams.pop(sid, None)
             if stream is not None:
-                (code,) = _U32.unpack(payload)
-                status = _RST_CODES.get(code, grpc.StatusCode.INTERNAL)
+                (code,) = U32.unpack(payload)
+                status = RST_CODES.get(code, grpc.StatusCode.INTERNAL)
                 stream.ended(RpcError(status, f"stream reset by the server (code {code})"))
                 self._stream_gone()
         elif kind == GOAWAY:
@@ -801,30 +535,6 @@ class Connection:
         for stream in gone:
             stream.ended(RpcError(grpc.StatusCode.UNAVAILABLE, details))
         self._stream_gone()
-
-
-def _status(
-    headers: list[tuple[bytes, bytes]] | None, trailers: list[tuple[bytes, bytes]]
-) -> RpcError | None:
-    """The gRPC status of a finished stream (from its trailers, or its HTTP status)."""
-    found = dict(trailers)
-    if headers is not None:
-        found = {**dict(headers), **found}
-    status = found.get(b"grpc-status")
-    if status is None:
-        http = found.get(b":status", b"")
-        code = _HTTP_CODES.get(int(http) if http.isdigit() else 0, grpc.StatusCode.UNKNOWN)
-        return RpcError(code, f"HTTP status {http.decode(errors='replace')} without grpc-status")
-    if status == b"0":
-        return None
-    code = _BY_VALUE.get(int(status) if status.isdigit() else -1, grpc.StatusCode.UNKNOWN)
-    message = urllib.parse.unquote(found.get(b"grpc-message", b"").decode("utf-8", "replace"))
-    return RpcError(code, message)
-
-
-def _message(body: bytes) -> bytes:
-    """``body`` as one uncompressed gRPC message (its 5-byte prefix, then the bytes)."""
-    return b"\x00" + _U32.pack(len(body)) + body
 
 
 # -- the channel: what the generated stubs call ---------------------------------------------
@@ -909,9 +619,9 @@ class Channel:
         conn.on_closed = self._connections.discard
         self._connections.add(conn)
 
-        async def connect() -> _Socket:
+        async def connect() -> Socket:
             with trio.fail_after(self.connect_timeout):
-                return await _Socket.connect(self.host, self.port, self.context, self.server_name)
+                return await Socket.connect(self.host, self.port, self.context, self.server_name)
 
         trio.lowlevel.spawn_system_task(_guarded, conn, connect, name=f"clusterkit-h2 {self}")
         return conn
@@ -971,7 +681,7 @@ class _Method:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the request is {len(body)} bytes, over the limit of {self.channel.max_send}",
             )
-        return _message(body)
+        return message(body)
 
 
 class UnaryMethod(_Method):
@@ -1010,7 +720,7 @@ class UnaryMethod(_Method):
             raise call.error
         if call.trailers is None:
             raise RpcError(grpc.StatusCode.INTERNAL, "the server ended the call without status")
-        error = _status(call.headers, call.trailers)
+        error = status_of(call.headers, call.trailers)
         if error is not None:
             raise error
         return self._decode(call.data)
@@ -1020,7 +730,7 @@ class UnaryMethod(_Method):
             raise RpcError(grpc.StatusCode.INTERNAL, "the server sent no response message")
         if data[0] != 0:
             raise RpcError(grpc.StatusCode.INTERNAL, "the server sent a compressed message")
-        (length,) = _U32.unpack_from(data, 1)
+        (length,) = U32.unpack_from(data, 1)
         if length + 5 != len(data):
             raise RpcError(grpc.StatusCode.INTERNAL, "the server sent a malformed response")
         return self.deserialize(bytes(memoryview(data)[5:]))
@@ -1128,7 +838,7 @@ class BidiStream(_Stream):
         buffer = self._buffer
         buffer += payload
         while len(buffer) >= 5 and not self.done:
-            (length,) = _U32.unpack_from(buffer, 1)
+            (length,) = U32.unpack_from(buffer, 1)
             if len(buffer) < 5 + length:
                 break
             if buffer[0] != 0:
@@ -1156,7 +866,7 @@ class BidiStream(_Stream):
         self._return_window()
 
     def trailers_received(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        error = _status(self.headers, trailers)
+        error = status_of(self.headers, trailers)
         self.ended(error if error is not None else EOFError("stream ended"))
 
     def ended(self, error: BaseException) -> None:
