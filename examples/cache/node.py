@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import logging
-import signal
 import sys
 import time
 from collections import Counter
@@ -50,8 +49,9 @@ from examples.http_kv.http import serve_http
 from examples.kv_store.node import (
     ReplicationFailed,
     emit,
+    node_config,
+    run_node,
     send_to_replicas,
-    until_stdin_closes,
 )
 
 from .cache import Cache, Version
@@ -270,34 +270,17 @@ def _answer(value: bytes | None, version: Version | None) -> Response:
 
 async def main(args: argparse.Namespace) -> None:
     node = CacheNode(args.id, max_bytes=args.max_bytes, warmup=args.warmup)
-    config = clusterkit.Config(
-        node_id=args.id,
-        etcd_endpoints=args.etcd.split(","),
-        etcd_prefix=args.prefix,
-        http_port=args.http_port,
-        grpc_port=0,
-        metrics_port=None,
-        partitions=args.partitions,
-        replica_factor=args.replicas,
-        session_ttl=args.session_ttl,
-        rebalance_delay=args.rebalance_delay,
-        on_partition_assigned=node.on_partition_assigned,
-        on_partition_unassigned=node.on_partition_unassigned,
+
+    async def started(ck: clusterkit.ClusterKit, nursery: trio.Nursery) -> None:
+        await nursery.start(serve_http, CacheHTTP(node).handle, "127.0.0.1", args.http_port)
+        emit({"event": "up", "node": args.id, "http": ck.node.http_addr()})
+
+    await run_node(
+        node_config(node, args, http_port=args.http_port),
+        setup=node.attach,
+        parent_stdin=args.parent_stdin,
+        started=started,
     )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            if args.parent_stdin:
-                nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            # setup: the handlers and the migration source are in place before any hook.
-            async with clusterkit.open_cluster(config, setup=node.attach) as ck:
-                await nursery.start(serve_http, CacheHTTP(node).handle, "127.0.0.1", args.http_port)
-                emit({"event": "up", "node": args.id, "http": ck.node.http_addr()})
-                async for signum in signals:
-                    if signum == signal.SIGTERM:
-                        with trio.move_on_after(60):
-                            await ck.leave(drain=True)
-                    break
-            nursery.cancel_scope.cancel()
     with contextlib.suppress(Exception):
         emit({"event": "left", "node": args.id, "t": time.time(), **node.describe()})
 

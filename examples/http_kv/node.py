@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from urllib.parse import parse_qs, quote, urlsplit
 
 import trio
 
 import clusterkit
-from examples.kv_store.node import KVNode, emit, until_stdin_closes
+from examples.kv_store.node import KVNode, emit, node_config, run_node
 
 from .http import serve_http
 
@@ -90,35 +89,18 @@ class HTTPKV:
 async def main(args: argparse.Namespace) -> None:
     node = KVNode(args.id)
     api = HTTPKV(node)
-    config = clusterkit.Config(
-        node_id=args.id,
-        etcd_endpoints=args.etcd.split(","),
-        etcd_prefix=args.prefix,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=None,
-        partitions=args.partitions,
-        replica_factor=args.replicas,
-        session_ttl=args.session_ttl,
-        rebalance_delay=args.rebalance_delay,
-        on_partition_assigned=node.on_partition_assigned,
-        on_partition_unassigned=node.on_partition_unassigned,
+
+    async def started(ck: clusterkit.ClusterKit, nursery: trio.Nursery) -> None:
+        # The app serves its own HTTP API on http_port, as in the Go example.
+        await nursery.start(serve_http, api.handle, "127.0.0.1", args.http_port)
+        emit({"event": "up", "node": args.id, "http": ck.node.http_addr()})
+
+    await run_node(
+        node_config(node, args, http_port=args.http_port, grpc_port=args.grpc_port),
+        setup=node.attach,
+        parent_stdin=args.parent_stdin,
+        started=started,
     )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            if args.parent_stdin:
-                nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            # setup: the handlers and the migration source are in place before any hook.
-            async with clusterkit.open_cluster(config, setup=node.attach) as ck:
-                # The app serves its own HTTP API on http_port, as in the Go example.
-                await nursery.start(serve_http, api.handle, "127.0.0.1", args.http_port)
-                emit({"event": "up", "node": args.id, "http": ck.node.http_addr()})
-                async for signum in signals:
-                    if signum == signal.SIGTERM:
-                        with trio.move_on_after(60):
-                            await ck.leave(drain=True)
-                    break
-            nursery.cancel_scope.cancel()
     emit({"event": "left", "node": args.id})
 
 

@@ -37,7 +37,8 @@ import signal
 import sys
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import trio
 
@@ -285,14 +286,25 @@ async def send_to_replicas(
     return failed
 
 
-def node_config(node: KVNode, args: argparse.Namespace) -> clusterkit.Config:
+class PartitionHooks(Protocol):
+    """What an example node hands clusterkit: its data-moving hooks."""
+
+    async def on_partition_assigned(self, pt: int, previous: clusterkit.Node | None) -> None: ...
+
+    async def on_partition_unassigned(self, pt: int, new_owner: clusterkit.Node | None) -> None: ...
+
+
+def node_config(
+    node: PartitionHooks, args: argparse.Namespace, *, http_port: int = 0, grpc_port: int = 0
+) -> clusterkit.Config:
+    """The examples' node config from their common flags (several nodes share one host)."""
     return clusterkit.Config(
         node_id=args.id,
         etcd_endpoints=args.etcd.split(","),
         etcd_prefix=args.prefix,
-        http_port=0,
+        http_port=http_port,
         metrics_port=None,
-        grpc_port=0,
+        grpc_port=grpc_port,
         partitions=args.partitions,
         replica_factor=args.replicas,
         session_ttl=args.session_ttl,
@@ -316,22 +328,51 @@ async def until_stdin_closes(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def main(args: argparse.Namespace) -> None:
-    node = KVNode(args.id)
+async def run_node(
+    config: clusterkit.Config,
+    *,
+    setup: Callable[[clusterkit.ClusterKit], Awaitable[None] | None],
+    parent_stdin: bool,
+    started: Callable[[clusterkit.ClusterKit, trio.Nursery], Awaitable[None]],
+    draining: Callable[[], None] | None = None,
+    drain_timeout: float = 60.0,
+) -> None:
+    """Run one example node until SIGINT (leave), SIGTERM (drain, then leave) or, with
+    ``parent_stdin``, until stdin closes (the demo that started it is gone).
+
+    ``setup`` registers what the hooks rely on before any hook runs; ``started(ck, nursery)``
+    runs once the node is up (serve an API, report "up"); ``draining()`` when SIGTERM came.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            if args.parent_stdin:
+            if parent_stdin:
                 nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            # setup: the handlers and the migration source are in place before any hook.
-            async with clusterkit.open_cluster(node_config(node, args), setup=node.attach) as ck:
-                emit({"event": "up", "node": args.id, "addr": ck.peers.address, "t": time.time()})
+            async with clusterkit.open_cluster(config, setup=setup) as ck:
+                await started(ck, nursery)
                 async for signum in signals:
                     if signum == signal.SIGTERM:
-                        emit({"event": "draining", "node": args.id, "t": time.time()})
-                        with trio.move_on_after(args.drain_timeout):
+                        if draining is not None:
+                            draining()
+                        with trio.move_on_after(drain_timeout):
                             await ck.leave(drain=True)
                     break
             nursery.cancel_scope.cancel()
+
+
+async def main(args: argparse.Namespace) -> None:
+    node = KVNode(args.id)
+
+    async def started(ck: clusterkit.ClusterKit, _: trio.Nursery) -> None:
+        emit({"event": "up", "node": args.id, "addr": ck.peers.address, "t": time.time()})
+
+    await run_node(
+        node_config(node, args),
+        setup=node.attach,
+        parent_stdin=args.parent_stdin,
+        started=started,
+        draining=lambda: emit({"event": "draining", "node": args.id, "t": time.time()}),
+        drain_timeout=args.drain_timeout,
+    )
     emit({"event": "left", "node": args.id, "t": time.time(), "stats": dict(node.stats)})
 
 

@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import logging
 import shutil
-import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -60,8 +59,9 @@ import clusterkit
 from examples.kv_store.node import (
     ReplicationFailed,
     emit,
+    node_config,
     replica_targets,
-    until_stdin_closes,
+    run_node,
 )
 
 from .log import PartitionLog, Record
@@ -443,35 +443,18 @@ class QueueNode:
 
 async def main(args: argparse.Namespace) -> None:
     node = QueueNode(args.id, Path(args.data_dir), fsync=args.fsync)
-    config = clusterkit.Config(
-        node_id=args.id,
-        etcd_endpoints=args.etcd.split(","),
-        etcd_prefix=args.prefix,
-        http_port=0,
-        grpc_port=0,
-        metrics_port=None,
-        partitions=args.partitions,
-        replica_factor=args.replicas,
-        session_ttl=args.session_ttl,
-        rebalance_delay=args.rebalance_delay,
-        on_partition_assigned=node.on_partition_assigned,
-        on_partition_unassigned=node.on_partition_unassigned,
+    recovered = node.recover()
+
+    async def started(ck: clusterkit.ClusterKit, _: trio.Nursery) -> None:
+        emit({"event": "up", "node": args.id, "recovered": recovered})
+
+    await run_node(
+        node_config(node, args),
+        setup=node.attach,
+        parent_stdin=args.parent_stdin,
+        started=started,
+        draining=lambda: emit({"event": "draining", "node": args.id}),
     )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            if args.parent_stdin:
-                nursery.start_soon(until_stdin_closes, nursery.cancel_scope)
-            recovered = node.recover()
-            # setup: the handlers and the migration source are in place before any hook.
-            async with clusterkit.open_cluster(config, setup=node.attach) as ck:
-                emit({"event": "up", "node": args.id, "recovered": recovered})
-                async for signum in signals:
-                    if signum == signal.SIGTERM:
-                        emit({"event": "draining", "node": args.id})
-                        with trio.move_on_after(60):
-                            await ck.leave(drain=True)
-                    break
-            nursery.cancel_scope.cancel()
     node.close()
     emit({"event": "left", "node": args.id, "stats": dict(node.stats)})
 
