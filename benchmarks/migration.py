@@ -55,6 +55,22 @@ def batches(data: list[MigrationEntry], keys: int, nbytes: int) -> list[list[dic
     return out
 
 
+async def count_raw_batches(conn: trio.abc.ReceiveStream) -> int:
+    """The keys in the length-prefixed msgpack batches read from ``conn`` until EOF (the raw
+    TCP baseline's receiving side)."""
+    count = 0
+    buffer = bytearray()
+    while chunk := await conn.receive_some(1 << 20):
+        buffer += chunk
+        while len(buffer) >= 4:
+            (size,) = struct.unpack_from(">I", buffer)
+            if len(buffer) < 4 + size:
+                break
+            count += len(msgpack.unpackb(bytes(buffer[4 : 4 + size]))["kvs"])
+            del buffer[: 4 + size]
+    return count
+
+
 class Bench:
     def __init__(self, src: clusterkit.ClusterKit, dst: clusterkit.ClusterKit) -> None:
         self.src, self.dst = src, dst
@@ -105,8 +121,6 @@ class Bench:
         assert count == len(self.data)
 
     async def raw_tcp(self) -> None:
-        count = 0
-
         async def serve(conn: trio.SocketStream) -> None:
             async with conn:
                 for kvs in batches(self.data, 1000, 1 << 20):
@@ -117,18 +131,7 @@ class Bench:
             listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
             port = listeners[0].socket.getsockname()[1]
             async with await trio.open_tcp_stream("127.0.0.1", port) as conn:
-                buffer = bytearray()
-                while True:
-                    chunk = await conn.receive_some(1 << 20)
-                    if not chunk:
-                        break
-                    buffer += chunk
-                    while len(buffer) >= 4:
-                        (size,) = struct.unpack_from(">I", buffer)
-                        if len(buffer) < 4 + size:
-                            break
-                        count += len(msgpack.unpackb(bytes(buffer[4 : 4 + size]))["kvs"])
-                        del buffer[: 4 + size]
+                count = await count_raw_batches(conn)
             nursery.cancel_scope.cancel()
         assert count == len(self.data)
 

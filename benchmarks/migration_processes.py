@@ -22,17 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
-import msgpack
 import trio
 
 import clusterkit
 from clusterkit._migration.wire import MigrationEntry
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from migration import count_raw_batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,18 +113,9 @@ async def main() -> None:
                 assert pushed_keys == counts[pt] and received[0] == counts[pt]
 
             async def raw(pt: int, _: str) -> None:
-                count = 0
                 async with await trio.open_tcp_stream("127.0.0.1", raw_port) as conn:
                     await conn.send_all(bytes([pt]))
-                    buffer = bytearray()
-                    while chunk := await conn.receive_some(1 << 20):
-                        buffer += chunk
-                        while len(buffer) >= 4:
-                            (size,) = struct.unpack_from(">I", buffer)
-                            if len(buffer) < 4 + size:
-                                break
-                            count += len(msgpack.unpackb(bytes(buffer[4 : 4 + size]))["kvs"])
-                            del buffer[: 4 + size]
+                    count = await count_raw_batches(conn)
                 assert count == counts[pt]
 
             rows: list[tuple[str, Callable[[int, str], Awaitable[None]], str]] = [

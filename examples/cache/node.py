@@ -49,6 +49,7 @@ from examples.http_kv.http import serve_http
 from examples.kv_store.node import (
     ReplicationFailed,
     emit,
+    node_arguments,
     node_config,
     run_node,
     send_to_replicas,
@@ -286,18 +287,10 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--id", required=True)
+    p = node_arguments(__doc__.split("\n")[0], prefix="/cache", partitions=32, replicas=2)
     p.add_argument("--http-port", type=int, required=True, help="the node's HTTP API")
-    p.add_argument("--etcd", required=True, help="comma-separated host:port list")
-    p.add_argument("--prefix", default="/cache")
-    p.add_argument("--partitions", type=int, default=32)
-    p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--max-bytes", type=int, default=64 << 20, help="memory bound per node")
     p.add_argument("--warmup", choices=("pull", "cold"), default="pull")
-    p.add_argument("--session-ttl", type=float, default=2.0)
-    p.add_argument("--rebalance-delay", type=float, default=1.0)
-    p.add_argument("--parent-stdin", action="store_true", help="leave when stdin closes")
     return p.parse_args(argv)
 
 

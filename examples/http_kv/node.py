@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import trio
 
 import clusterkit
-from examples.kv_store.node import KVNode, emit, node_config, run_node
+from examples.kv_store.node import KVNode, emit, node_arguments, node_config, run_node
 
 from .http import serve_http
 
@@ -105,17 +105,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--id", required=True)
+    p = node_arguments(__doc__.split("\n")[0], prefix="/http-kv", partitions=16, replicas=2)
     p.add_argument("--http-port", type=int, required=True, help="the app's HTTP API")
     p.add_argument("--grpc-port", type=int, default=0, help="0: a free port")
-    p.add_argument("--etcd", required=True, help="comma-separated host:port list")
-    p.add_argument("--prefix", default="/http-kv")
-    p.add_argument("--partitions", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--session-ttl", type=float, default=2.0)
-    p.add_argument("--rebalance-delay", type=float, default=1.0)
-    p.add_argument("--parent-stdin", action="store_true", help="leave when stdin closes")
     return p.parse_args(argv)
 
 

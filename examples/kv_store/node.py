@@ -376,19 +376,28 @@ async def main(args: argparse.Namespace) -> None:
     emit({"event": "left", "node": args.id, "t": time.time(), "stats": dict(node.stats)})
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def node_arguments(
+    description: str, *, prefix: str, partitions: int, replicas: int
+) -> argparse.ArgumentParser:
+    """The flags every example node takes (what :func:`node_config` and :func:`run_node`
+    read); each example adds its own."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--id", required=True)
     p.add_argument("--etcd", required=True, help="comma-separated host:port list")
-    p.add_argument("--prefix", default="/kvstore")
-    p.add_argument("--partitions", type=int, default=64)
-    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--prefix", default=prefix)
+    p.add_argument("--partitions", type=int, default=partitions)
+    p.add_argument("--replicas", type=int, default=replicas)
     p.add_argument("--session-ttl", type=float, default=2.0)
     p.add_argument("--rebalance-delay", type=float, default=1.0)
-    p.add_argument("--drain-timeout", type=float, default=60.0)
     p.add_argument(
         "--parent-stdin", action="store_true", help="leave when stdin closes (demo/tests)"
     )
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = node_arguments(__doc__.split("\n")[0], prefix="/kvstore", partitions=64, replicas=3)
+    p.add_argument("--drain-timeout", type=float, default=60.0)
     return p.parse_args(argv)
 
 

@@ -50,18 +50,7 @@ class Record:
     seq: int = 0  # the producer's sequence number, or for "c" the committed position
 
     def pack(self) -> bytes:
-        body: bytes = msgpack.packb(
-            [
-                self.offset,
-                self.epoch,
-                self.kind,
-                self.topic,
-                self.key,
-                self.value,
-                self.producer,
-                self.seq,
-            ]
-        )
+        body: bytes = msgpack.packb(self.wire())
         return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
     @classmethod

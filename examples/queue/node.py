@@ -48,6 +48,7 @@ import logging
 import shutil
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ import clusterkit
 from examples.kv_store.node import (
     ReplicationFailed,
     emit,
+    node_arguments,
     node_config,
     replica_targets,
     run_node,
@@ -232,32 +234,39 @@ class QueueNode:
         hint = leader.id if leader is not None and leader.id != self.node_id else None
         return clusterkit.NotLeader(f"{self.node_id} does not lead partition {pt}", leader=hint)
 
-    async def produce(self, m: dict[str, Any]) -> dict[str, int]:
-        """``{"p", "t": topic, "m": [[key, value, producer, seq], ...]}`` -> first offset."""
-        pt, topic = m["p"], m["t"]
+    @contextlib.asynccontextmanager
+    async def _serving_leader(self, pt: int) -> AsyncIterator[int]:
+        """Hold ``pt``'s leadership (yields its epoch) and its lock, as the leader that serves
+        it; ``NotLeader`` (with a hint) otherwise, or when the leadership is lost meanwhile."""
         try:
             async with self.ck.leadership(pt) as epoch:
                 if pt not in self.ready:
                     raise self._not_leader(pt)
                 async with self.locks.setdefault(pt, trio.Lock()):
-                    log = self.log(pt)
-                    if log.next_offset and (log.epoch_at(log.next_offset - 1) or 0) > epoch:
-                        raise self._not_leader(pt)  # a newer leader's records are here
-                    duplicate = self._already_appended(pt, m["m"])
-                    if duplicate is not None:  # a retry of a batch our log holds
-                        await self._advance_hw(pt, locked=True)
-                        if self.hw.get(pt, 0) <= duplicate + len(m["m"]) - 1:
-                            raise ReplicationFailed(f"partition {pt}: retry not replicated yet")
-                        self.stats["duplicate_batches"] += 1
-                        return {"offset": duplicate, "count": len(m["m"])}
-                    base = log.next_offset
-                    records = [
-                        Record(base + i, epoch, "m", topic, k, v, producer, seq)
-                        for i, (k, v, producer, seq) in enumerate(m["m"])
-                    ]
-                    await self._write(pt, epoch, records)
+                    yield epoch
         except clusterkit.LeadershipLost:
             raise self._not_leader(pt) from None
+
+    async def produce(self, m: dict[str, Any]) -> dict[str, int]:
+        """``{"p", "t": topic, "m": [[key, value, producer, seq], ...]}`` -> first offset."""
+        pt, topic = m["p"], m["t"]
+        async with self._serving_leader(pt) as epoch:
+            log = self.log(pt)
+            if log.next_offset and (log.epoch_at(log.next_offset - 1) or 0) > epoch:
+                raise self._not_leader(pt)  # a newer leader's records are here
+            duplicate = self._already_appended(pt, m["m"])
+            if duplicate is not None:  # a retry of a batch our log holds
+                await self._advance_hw(pt, locked=True)
+                if self.hw.get(pt, 0) <= duplicate + len(m["m"]) - 1:
+                    raise ReplicationFailed(f"partition {pt}: retry not replicated yet")
+                self.stats["duplicate_batches"] += 1
+                return {"offset": duplicate, "count": len(m["m"])}
+            base = log.next_offset
+            records = [
+                Record(base + i, epoch, "m", topic, k, v, producer, seq)
+                for i, (k, v, producer, seq) in enumerate(m["m"])
+            ]
+            await self._write(pt, epoch, records)
         self.stats["produced"] += len(records)
         return {"offset": base, "count": len(records)}
 
@@ -414,16 +423,10 @@ class QueueNode:
     async def commit(self, m: dict[str, Any]) -> dict[str, int]:
         """Commit group ``g``'s position ``o`` in partition ``p`` (a record in the log)."""
         pt = m["p"]
-        try:
-            async with self.ck.leadership(pt) as epoch:
-                if pt not in self.ready:
-                    raise self._not_leader(pt)
-                async with self.locks.setdefault(pt, trio.Lock()):
-                    log = self.log(pt)
-                    record = Record(log.next_offset, epoch, "c", m["g"], b"", b"", "", m["o"])
-                    await self._write(pt, epoch, [record])
-        except clusterkit.LeadershipLost:
-            raise self._not_leader(pt) from None
+        async with self._serving_leader(pt) as epoch:
+            log = self.log(pt)
+            record = Record(log.next_offset, epoch, "c", m["g"], b"", b"", "", m["o"])
+            await self._write(pt, epoch, [record])
         return {"position": self.positions[pt][m["g"]]}
 
     async def position(self, m: dict[str, Any]) -> int:
@@ -460,17 +463,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--id", required=True)
+    p = node_arguments(__doc__.split("\n")[0], prefix="/queue", partitions=16, replicas=3)
     p.add_argument("--data-dir", required=True, help="this node's logs (kept across restarts)")
-    p.add_argument("--etcd", required=True, help="comma-separated host:port list")
-    p.add_argument("--prefix", default="/queue")
-    p.add_argument("--partitions", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--fsync", choices=("always", "interval", "never"), default="interval")
-    p.add_argument("--session-ttl", type=float, default=2.0)
-    p.add_argument("--rebalance-delay", type=float, default=1.0)
-    p.add_argument("--parent-stdin", action="store_true", help="leave when stdin closes")
     return p.parse_args(argv)
 
 
