@@ -165,6 +165,12 @@ class FakeServer:
         self.chunk = 1 << 24  # largest response DATA frame payload
         self.received_bytes = 0
         self.ssl_context: ssl.SSLContext | None = None
+        self.nursery: trio.Nursery | None = None
+
+    def channel(self, **options: Any) -> http2.Channel:
+        """A channel to this server whose connections run in the server's nursery."""
+        assert self.nursery is not None
+        return http2.Channel(f"127.0.0.1:{self.port}", self.nursery.start_soon, **options)
 
     @staticmethod
     def ok(conn: ServerConn, sid: int, body: bytes) -> None:
@@ -194,12 +200,13 @@ async def fake_server() -> AsyncIterator[FakeServer]:
             functools.partial(trio.serve_tcp, server.serve_one, 0, host="127.0.0.1")
         )
         server.port = listeners[0].socket.getsockname()[1]
+        server.nursery = nursery
         yield server
         nursery.cancel_scope.cancel()
 
 
 def kv_stub(server: FakeServer, **options: Any) -> Any:
-    return rpc_pb2_grpc.KVStub(http2.Channel(f"127.0.0.1:{server.port}", **options))
+    return rpc_pb2_grpc.KVStub(server.channel(**options))
 
 
 async def range_fails(kv: Any, code: grpc.StatusCode, timeout: float = 5) -> http2.RpcError:
@@ -379,7 +386,7 @@ async def test_garbage_from_the_server_fails_the_connection_not_the_channel() ->
 async def test_a_deadline_resets_the_stream_and_the_connection_stays() -> None:
     async with fake_server() as server:
         server.handle = lambda conn, sid, body: None  # never answers
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         kv = rpc_pb2_grpc.KVStub(channel)
         await range_fails(kv, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=0.2)
         with trio.fail_after(5):
@@ -395,7 +402,7 @@ async def test_a_deadline_resets_the_stream_and_the_connection_stays() -> None:
 async def test_a_cancelled_caller_resets_its_stream() -> None:
     async with fake_server() as server:
         server.handle = lambda conn, sid, body: None
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         kv = rpc_pb2_grpc.KVStub(channel)
         with trio.move_on_after(0.2):
             await kv.Range(rpc_pb2.RangeRequest(key=b"k"), timeout=30)
@@ -436,7 +443,7 @@ async def test_flow_control_both_ways_with_small_server_windows() -> None:
             conn.respond(sid, message(rpc_pb2.RangeResponse(kvs=[kv])))
 
         server.handle = echo
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         method = channel.unary_unary(
             "/etcdserverpb.KV/Range",
             request_serializer=rpc_pb2.PutRequest.SerializeToString,
@@ -455,7 +462,7 @@ async def test_a_response_over_max_receive_is_refused() -> None:
             conn.respond(sid, message(rpc_pb2.RangeResponse(kvs=[kv])))
 
         server.handle = large
-        channel = http2.Channel(f"127.0.0.1:{server.port}", max_receive=1000)
+        channel = server.channel(max_receive=1000)
         kv = rpc_pb2_grpc.KVStub(channel)
         await range_fails(kv, grpc.StatusCode.RESOURCE_EXHAUSTED)
         server.handle = FakeServer.ok
@@ -464,7 +471,7 @@ async def test_a_response_over_max_receive_is_refused() -> None:
 
 async def test_a_silent_server_fails_the_connection_by_keepalive() -> None:
     async with fake_server() as server:
-        channel = http2.Channel(f"127.0.0.1:{server.port}", keepalive=0.2, keepalive_timeout=0.2)
+        channel = server.channel(keepalive=0.2, keepalive_timeout=0.2)
         kv = rpc_pb2_grpc.KVStub(channel)
         await range_works(kv)
         server.silent = True  # reads everything, answers nothing (not even PING)
@@ -477,14 +484,15 @@ async def test_a_silent_server_fails_the_connection_by_keepalive() -> None:
 async def test_connection_refused_is_unavailable() -> None:
     async with fake_server() as server:
         port = server.port
-    kv = rpc_pb2_grpc.KVStub(http2.Channel(f"127.0.0.1:{port}"))
-    await range_fails(kv, grpc.StatusCode.UNAVAILABLE)
+    async with trio.open_nursery() as nursery:
+        kv = rpc_pb2_grpc.KVStub(http2.Channel(f"127.0.0.1:{port}", nursery.start_soon))
+        await range_fails(kv, grpc.StatusCode.UNAVAILABLE)
 
 
 async def test_a_closed_channel_ends_calls_in_flight() -> None:
     async with fake_server() as server:
         server.handle = lambda conn, sid, body: None
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         kv = rpc_pb2_grpc.KVStub(channel)
         errors: list[grpc.StatusCode] = []
 
@@ -522,7 +530,7 @@ async def test_a_bidi_stream_sends_receives_and_closes() -> None:
                 conn.h2.send_data(sid, message(rpc_pb2.WatchResponse(watch_id=wid, created=True)))
 
         server.on_data = echo_each
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         watch = rpc_pb2_grpc.WatchStub(channel)
         got: list[int] = []
         ended: list[BaseException | None] = []
@@ -556,7 +564,7 @@ async def test_a_bidi_stream_reports_the_end_the_server_gives() -> None:
             conn.respond(sid, status=7, details="permission denied", trailers_only=True)
 
         server.on_data = end
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         ended: list[BaseException | None] = []
         stream = rpc_pb2_grpc.WatchStub(channel).Watch.open(
             metadata=None, on_response=lambda r: None, on_error=ended.append
@@ -582,9 +590,7 @@ async def test_tls_with_alpn_h2_and_without() -> None:
             client_context = ssl.create_default_context()
             ca.configure_trust(client_context)
             client_context.set_alpn_protocols(["h2"])
-            channel = http2.Channel(
-                f"127.0.0.1:{server.port}", context=client_context, server_name="localhost"
-            )
+            channel = server.channel(context=client_context, server_name="localhost")
             kv = rpc_pb2_grpc.KVStub(channel)
             with trio.fail_after(5):
                 if works:
@@ -613,7 +619,7 @@ async def test_a_bidi_stream_holds_the_server_back_until_messages_are_released()
             conn._send_pending()
 
         server.on_data = flood
-        channel = http2.Channel(f"127.0.0.1:{server.port}")
+        channel = server.channel()
         got: list[Any] = []
         ended: list[BaseException | None] = []
         stream = rpc_pb2_grpc.WatchStub(channel).Watch.open(

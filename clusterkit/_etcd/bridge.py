@@ -72,23 +72,17 @@ import trio
 
 from .._errors import EtcdUnavailable
 from .channel import Endpoint, Stubs
+from .h2wire import RpcError
 
 _STOP_TIMEOUT = 10.0
 _log = logging.getLogger("clusterkit")
 
 
-class LocalCancellation(grpc.RpcError):  # type: ignore[misc]
-    """An RPC ended because the bridge or its channel was closed under it."""
+class LocalCancellation(RpcError):
+    """An RPC ended because the bridge or its channel was closed under it (CANCELLED)."""
 
     def __init__(self, details: str) -> None:
-        super().__init__(details)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return self._details
+        super().__init__(grpc.StatusCode.CANCELLED, details)
 
 
 class AioBridge:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,10 +160,12 @@ class Endpoint:
             return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
         return grpc.aio.insecure_channel(self.target, options=self.options)
 
-    def open_http2_channel(self) -> http2.Channel:
-        """A new Trio HTTP/2 channel to this endpoint, for unary calls (see http2.py)."""
+    def open_http2_channel(self, spawn: Callable[..., object]) -> http2.Channel:
+        """A new Trio HTTP/2 channel to this endpoint whose connections run in the nursery
+        of ``spawn`` (its ``start_soon``); see http2.py."""
         return http2.Channel(
             self.target,
+            spawn,
             context=self.ssl_context,
             server_name=self.server_name,
             keepalive=_KEEPALIVE,

@@ -13,6 +13,7 @@ when etcd rejects the token as invalid or expired.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 import trio
 
+from .._boundary import reraise
 from .._core.histogram import OperationStats
 from .._errors import EtcdError, EtcdUnavailable, InvalidAuthToken
 from . import http2
@@ -53,6 +55,7 @@ from .types import (
 )
 from .watch import Watch, WatchHub
 
+_log = logging.getLogger("clusterkit")
 _SORT_ORDER = {"none": 0, "ascend": 1, "descend": 2}
 _SORT_TARGET = {"key": 0, "version": 1, "create": 2, "mod": 3, "value": 4}
 
@@ -171,8 +174,9 @@ class EtcdClient:
     Keys and values are ``str`` (UTF-8) or ``bytes``; results carry ``bytes``.
     """
 
-    def __init__(self, config: EtcdConfig) -> None:
+    def __init__(self, config: EtcdConfig, nursery: trio.Nursery) -> None:
         self.config = config
+        self._nursery = nursery  # the HTTP/2 connections' tasks run here
         self.endpoints = Endpoints(config)
         self.lease_bridge = AioBridge("etcd-lease")
         self._http2: dict[str, Stubs] = {}  # endpoint target -> stubs on its HTTP/2 channel
@@ -215,7 +219,8 @@ class EtcdClient:
         """The stubs on ``endpoint``'s HTTP/2 channel (unary methods only)."""
         stubs = self._http2.get(endpoint.target)
         if stubs is None:
-            stubs = self._http2[endpoint.target] = Stubs(endpoint.open_http2_channel())
+            channel = endpoint.open_http2_channel(self._nursery.start_soon)
+            stubs = self._http2[endpoint.target] = Stubs(channel)
         return stubs
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
@@ -684,14 +689,27 @@ async def open_etcd_client(
     """
     if not isinstance(config, EtcdConfig):
         config = EtcdConfig(endpoints=tuple(config))
-    client = EtcdClient(config)
+    user_error: BaseException | None = None
     try:
-        if connect:
-            await _wait_until_reachable(client)
-            client.open_streams()
-        yield client
-    finally:
-        await client.aclose()
+        async with trio.open_nursery() as nursery:
+            client = EtcdClient(config, nursery)
+            try:
+                if connect:
+                    await _wait_until_reachable(client)
+                    client.open_streams()
+                try:
+                    yield client
+                except BaseException as exc:
+                    user_error = exc
+                    raise
+            finally:
+                await client.aclose()  # (ends the connections' tasks in the nursery)
+    except BaseException as group:
+        reraise(group, user_error, _log_extra)
+
+
+def _log_extra(error: BaseException) -> None:
+    _log.warning("clusterkit: closing the etcd client: %r", error)
 
 
 async def _wait_until_reachable(client: EtcdClient) -> None:

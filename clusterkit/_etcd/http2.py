@@ -15,7 +15,7 @@ gRPC's wire format themselves (h2wire.py), on a non-blocking socket the Trio thr
   ``send()`` s it at once; only what the kernel does not take waits for the connection's writer
   task. So a call costs no scheduler round to send, a write is never torn by a cancellation,
   and an abort function (which Trio runs synchronously) can send RST_STREAM.
-- **One reader task per connection** (a Trio system task) reads whatever the socket holds,
+- **One reader task per connection** (in the etcd client's nursery) reads whatever the socket holds,
   parses every frame in it and reschedules each finished call's task directly
   (``trio.lowlevel.reschedule``): one wakeup for a whole burst of answers; the caller decodes
   its own response. Watch responses are handed to the watch hub as they are parsed.
@@ -47,6 +47,7 @@ and ``details()``), so status.py translates them like grpcio's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import struct
@@ -210,7 +211,7 @@ class Connection:
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
         self.sock: Socket | None = None
-        self.ready = trio.Event()
+        self.connected = False  # streams wait in ``waiting`` until then
         self.error: RpcError | None = None  # set once: the connection is unusable
         self.draining = False  # GOAWAY seen or ids exhausted: no new streams
         self.streams: dict[int, _Stream] = {}
@@ -252,7 +253,7 @@ class Connection:
                 + frame(SETTINGS, 0, 0, settings)
                 + frame(WINDOW_UPDATE, 0, 0, U32.pack(MAX_WINDOW - 65_535))
             )
-            self.ready.set()
+            self.connected = True
             self._open_waiting()
             try:
                 async with trio.open_nursery() as nursery:
@@ -273,7 +274,6 @@ class Connection:
         """End every stream on the connection and close it (idempotent)."""
         if self.error is None:
             self.error = RpcError(code, details)
-        self.ready.set()
         streams = [*self.streams.values(), *self.waiting]
         self.streams.clear()
         self.waiting.clear()
@@ -302,7 +302,7 @@ class Connection:
         stream.conn = self
         if self.error is not None:
             stream.ended(self.error)
-        elif not self.ready.is_set() or len(self.streams) >= self.max_streams:
+        elif not self.connected or len(self.streams) >= self.max_streams:
             self.waiting.append(stream)
         else:
             self._open(stream)
@@ -546,12 +546,14 @@ class Channel:
     The generated stubs take it as their channel (``KVStub(channel)``): ``stub.Range`` is then
     a :class:`UnaryMethod`, ``await stub.Range(request, timeout=5)``, and ``stub.Watch`` a
     :class:`StreamMethod` that opens a :class:`BidiStream`. There is one connection at a time;
-    a failed or draining one is replaced on the next call.
+    a failed or draining one is replaced on the next call. Each connection's task runs in the
+    owner's nursery: ``spawn`` is its ``start_soon`` (the etcd client's, see client.py).
     """
 
     def __init__(
         self,
         target: str,
+        spawn: Callable[..., object],
         *,
         context: ssl.SSLContext | None = None,
         server_name: str | None = None,
@@ -562,6 +564,7 @@ class Channel:
         max_send: int = 16 * 1024 * 1024,
     ) -> None:
         self.target = target
+        self._spawn = spawn
         host, _, port = target.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
@@ -607,7 +610,7 @@ class Channel:
     stream_unary = unary_stream
 
     def connection(self) -> Connection:
-        """The current connection, or a new one (connecting in a system task)."""
+        """The current connection, or a new one (connecting in the owner's nursery)."""
         conn = self._conn
         if conn is not None and conn.usable:
             return conn
@@ -623,7 +626,7 @@ class Channel:
             with trio.fail_after(self.connect_timeout):
                 return await Socket.connect(self.host, self.port, self.context, self.server_name)
 
-        trio.lowlevel.spawn_system_task(_guarded, conn, connect, name=f"clusterkit-h2 {self}")
+        self._spawn(_guarded, conn, connect, name=f"clusterkit-h2 {self.target}")
         return conn
 
     def close(self) -> None:
@@ -636,18 +639,16 @@ class Channel:
 
 
 async def _guarded(conn: Connection, connect: Callable[[], Any]) -> None:
-    """A connection's task, as a Trio system task: it must never raise (but Cancelled)."""
+    """A connection's task. A bug in it fails that connection (logged), never its owner's
+    nursery: the calls on it end with UNAVAILABLE and the next call opens a new one."""
     try:
         await conn.run(connect)
-    except BaseException as exc:
+    except Exception as exc:
         conn.fail(f"connection to {conn.target} crashed: {exc!r}")
-        if isinstance(exc, BaseExceptionGroup):
-            _, rest = exc.split(trio.Cancelled)
-            if rest is None:
-                raise  # the run is ending
-        if isinstance(exc, trio.Cancelled):
-            raise
         _log.error("clusterkit: HTTP/2 connection to %s crashed", conn.target, exc_info=exc)
+    except BaseException as exc:  # cancelled from outside (the owner's nursery is closing)
+        conn.fail(f"connection to {conn.target} stopped: {exc!r}")
+        raise
 
 
 class _Method:
@@ -684,6 +685,12 @@ class _Method:
         return message(body)
 
 
+@functools.lru_cache(maxsize=64)
+def _timeout_header(seconds: float) -> bytes:
+    """The ``grpc-timeout`` header (calls almost always use the client's one timeout)."""
+    return literal(b"grpc-timeout", grpc_timeout(seconds))
+
+
 class UnaryMethod(_Method):
     """One unary method of one channel: ``await method(request, timeout=..., metadata=...)``."""
 
@@ -693,7 +700,7 @@ class UnaryMethod(_Method):
         """Call the method; raises :class:`RpcError` unless the status is OK."""
         await trio.lowlevel.checkpoint_if_cancelled()
         channel = self.channel
-        block = self._headers(metadata, literal(b"grpc-timeout", grpc_timeout(timeout)))
+        block = self._headers(metadata, _timeout_header(timeout))
         call = _Call(block, self._encode(request), channel.max_receive + 5)
         channel.started += 1
         try:

@@ -208,3 +208,16 @@ async def test_a_lease_revoked_on_the_bridge_reaches_a_watch_in_trio(
                         break
         started = trio.current_time()
     assert trio.current_time() - started < 2.0  # closing does not stall
+
+
+async def test_the_client_nursery_does_not_wrap_errors(etcd: clusterkit.EmbeddedEtcd) -> None:
+    """The client's HTTP/2 connections run in a nursery of ``open_etcd_client``: an error of
+    the block, or of connecting, still comes out as itself, not in an ExceptionGroup."""
+    with pytest.raises(KeyError):
+        async with clusterkit.open_etcd_client(etcd.endpoints) as client:
+            await client.get("x")
+            raise KeyError("mine")
+    config = clusterkit.EtcdConfig(("127.0.0.1:1",), dial_timeout=0.3)
+    with pytest.raises(clusterkit.EtcdUnavailable):
+        async with clusterkit.open_etcd_client(config):
+            pass

@@ -199,21 +199,22 @@ async def test_closing_the_client_stops_the_pump(
     etcd: clusterkit.EmbeddedEtcd, client: EtcdClient
 ) -> None:
     lease = await client.lease_grant(1)
-    own = EtcdClient(clusterkit.EtcdConfig(endpoints=tuple(etcd.endpoints)))
-    own.open_streams()
-    async with own.keepalive_pump(lease.id, 0.1, stall_limit=30) as pump:
-        with trio.fail_after(5):
-            await pump.wait_newer(None)
-        thread = own.lease_bridge._thread
-        assert thread is not None and thread.is_alive()
-        await own.aclose()
-        assert not thread.is_alive()
-        assert isinstance(pump.failure, clusterkit.EtcdUnavailable)
-        with pytest.raises(clusterkit.EtcdUnavailable):
-            await pump.wait_newer(pump.latest())
-        sends = pump.sends
-        await _wait_until_expired(client, lease.id)  # nothing keeps it alive any more
-        assert pump.sends == sends
+    async with trio.open_nursery() as nursery:
+        own = EtcdClient(clusterkit.EtcdConfig(endpoints=tuple(etcd.endpoints)), nursery)
+        own.open_streams()
+        async with own.keepalive_pump(lease.id, 0.1, stall_limit=30) as pump:
+            with trio.fail_after(5):
+                await pump.wait_newer(None)
+            thread = own.lease_bridge._thread
+            assert thread is not None and thread.is_alive()
+            await own.aclose()
+            assert not thread.is_alive()
+            assert isinstance(pump.failure, clusterkit.EtcdUnavailable)
+            with pytest.raises(clusterkit.EtcdUnavailable):
+                await pump.wait_newer(pump.latest())
+            sends = pump.sends
+            await _wait_until_expired(client, lease.id)  # nothing keeps it alive any more
+            assert pump.sends == sends
     assert thread not in threading.enumerate()
 
 
